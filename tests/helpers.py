@@ -1,0 +1,51 @@
+"""Helpers the test modules share: run a script end to end in a scratch directory and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 600, check: bool = True,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `python <repo>/<script> <args>` with `cwd` as working directory (so `runs/` lands there)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=full_env, timeout=timeout,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    """The run directories a script created under `cwd/runs`, oldest first."""
+    return sorted((cwd / "runs").iterdir(), key=lambda p: p.stat().st_mtime) if (cwd / "runs").exists() else []
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars in the run's TensorBoard event files: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Bad input must exit non-zero with a short message and no Python traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    message = proc.stderr.strip()
+    assert message, "no error message on stderr"
+    for needle in needles:
+        assert needle.lower() in message.lower(), message
