@@ -1,0 +1,644 @@
+# Docs: README.md#qvpo
+"""Q-weighted Variational Policy Optimization (QVPO) for diffusion policies, in one file.
+
+Paper: Ding, Hu, Zhang, Ren, Zhang, Yu, Wang and Shi, "Diffusion-based Reinforcement Learning via Q-weighted
+Variational Policy Optimization" (NeurIPS 2024; arXiv 2405.16173). Official PyTorch code: wadx2019/qvpo @ 40a1974 (`agent/qvpo.py`,
+run as `main.py --weighted --aug`); its defaults are the defaults here.
+
+Deviations from the official code (each deliberate; README.md#qvpo explains them):
+1. Gymnasium 1.x MuJoCo v5 envs (the official code ran gym 0.21 `*-v3`).
+2. Time-limit truncations bootstrap: only `terminated` cuts the TD target. The official gym-0.21 loop sets
+   mask = 0 on every `done`, which includes the 1000-step TimeLimit, i.e. it treats truncation as terminal.
+3. The entropy weight omega is evaluated at the current env step (official: at the previous one, set after train()).
+4. The time embedding is computed once per chain for t = 0..T-1 ([T, E]) and the first denoiser layer is split so
+   the state projection is computed once per reverse chain; both give the official outputs.
+5. `chosen` (keep the top-k of the 64 samples) is fixed at the official default 1; the DIPO-only action-gradient
+   mode (no --aug) and the `--epsilon` uniform-exploration branch (off by default) are not carried over.
+Kept as in the official code: the 10k random warm-up is counted in `total_timesteps`, rewards are raw, the critic and
+the actor draw different replay batches, and the actor's samples are scored by the just-updated critic.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "diffusion-rl"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """record the first evaluation episode of every evaluation to runs/{run_name}/videos (needs moviepy)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.pt every `checkpoint_frequency` env steps and at the end"""
+    resume: str | None = None
+    """path of a checkpoint.pt to continue from (flags given with it override the saved ones)"""
+    checkpoint_frequency: int = 50_000
+    """env steps between checkpoints (with --save-model)"""
+    env_id: str = "Hopper-v5"
+    """the id of the environment (any gymnasium env with a continuous Box action space)"""
+    total_timesteps: int = 1_000_000
+    """total env steps, warm-up included (as in the official code)"""
+    learning_starts: int = 10_000
+    """uniform-random transitions collected before the first update"""
+    num_envs: int = 1
+    """parallel envs; one gradient update per vector step (UTD = 1 / num_envs; official: 1 env, UTD 1)"""
+    batch_size: int = 256
+    """the batch size of samples from the replay memory"""
+    eval_frequency: int = 10_000
+    """env steps between evaluations"""
+    eval_episodes: int = 10
+    """episodes per evaluation (one per eval env, fixed seeds)"""
+    diffusion_steps: int = 20
+    """number of denoising steps T"""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """reverse-chain backend: fused Triton kernels (kernels/), plain PyTorch, or auto (Triton on CUDA if importable)"""
+    log_frequency: int = 5_000
+    """env steps between status lines and TensorBoard loss scalars"""
+    max_episode_steps: int | None = None
+    """override the env's time limit (None keeps the registered one)"""
+
+    # Algorithm specific arguments
+    buffer_size: int = 1_000_000
+    """the replay memory buffer size"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """target smoothing coefficient of the EMA actor and critics (every update)"""
+    q_lr: float = 3e-4
+    """learning rate of the Q networks"""
+    policy_lr: float = 1e-4
+    """learning rate of the denoiser"""
+    adam_eps: float = 1e-5
+    """Adam epsilon of both optimizers"""
+    max_grad_norm: float = 2.0
+    """gradient-norm clip of the critic and of the actor (0 disables it)"""
+    train_samples: int = 64
+    """diffusion samples per state in the actor update; the best by min(Q1, Q2) is kept (N_d)"""
+    behavior_samples: int = 4
+    """candidate actions per state when collecting data; the best by min(Q1, Q2) is played (K_b)"""
+    target_samples: int = 4
+    """candidates per next state from the EMA actor, scored by the target critics, for the TD target (K_t)"""
+    eval_samples: int = 32
+    """candidates per state at evaluation"""
+    q_transform: Literal["qadv", "qrelu", "qcut", "qexpn", "qcut0n", "qcut1n"] = "qadv"
+    """weight of the kept sample: qadv = max(Q - mean_64 Q, 0); qrelu = max(Q, 0); qcut = max(Q, 1);
+    qexpn = exp(clip((Q - m) / sd, -8, 8)); qcut0n / qcut1n = max(Q - m, 0 / 1) (m, sd: running mean/std of Q)"""
+    entropy_alpha: float = 0.02
+    """initial weight omega of the uniform-action entropy rows, decayed linearly over total_timesteps"""
+    entropy_alpha_min: float = 0.002
+    """floor of omega (reached at 90% of the run with the defaults)"""
+    num_uniform: int = 10
+    """uniform actions per state in the entropy term (N_e)"""
+    hidden_dim: int = 256
+    """width of the 3 hidden layers of the denoiser and of the Q networks, and of the time MLP"""
+    time_dim: int = 32
+    """size of the sinusoidal time embedding"""
+
+
+SCRIPT = os.path.basename(__file__)
+
+
+def fail(message: str) -> None:
+    """Bad input: one actionable line on stderr and exit code 1, no traceback."""
+    sys.exit(f"{SCRIPT}: error: {message}")
+
+
+def check_args(args: Args) -> None:
+    positive = ["total_timesteps", "num_envs", "batch_size", "eval_frequency", "eval_episodes", "diffusion_steps",
+                "log_frequency", "checkpoint_frequency", "buffer_size", "train_samples", "behavior_samples",
+                "target_samples", "eval_samples", "hidden_dim"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.learning_starts < 0 or args.learning_starts > args.buffer_size:
+        fail(f"--learning-starts must be in [0, buffer-size={args.buffer_size}], got {args.learning_starts}")
+    if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
+        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
+    if args.policy_lr <= 0 or args.q_lr <= 0 or args.adam_eps <= 0 or args.max_grad_norm < 0:
+        fail("--policy-lr, --q-lr and --adam-eps must be positive and --max-grad-norm non-negative")
+    if args.num_uniform < 0 or not 0 <= args.entropy_alpha_min <= args.entropy_alpha:
+        fail(f"need --num-uniform >= 0 and 0 <= --entropy-alpha-min <= --entropy-alpha, got {args.num_uniform}, "
+             f"{args.entropy_alpha_min}, {args.entropy_alpha}")
+    if args.time_dim < 4 or args.time_dim % 2:
+        fail(f"--time-dim must be an even number >= 4, got {args.time_dim}")
+    if args.max_episode_steps is not None and args.max_episode_steps <= 0:
+        fail(f"--max-episode-steps must be positive, got {args.max_episode_steps}")
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at {args.resume!r} (runs/<run_name>/checkpoint.pt is written by --save-model)")
+
+
+def make_env(env_id: str, seed: int, max_episode_steps: int | None = None, video_dir: str | None = None):
+    """A thunk that builds one env whose action space is rescaled to [-1, 1] (the policy acts in [-1, 1])."""
+
+    def thunk() -> gym.Env:
+        kwargs = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+        env = gym.make(env_id, render_mode="rgb_array" if video_dir else None, **kwargs)
+        if video_dir:
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+        ones = np.ones(env.action_space.shape, dtype=np.float32)
+        env = gym.wrappers.RescaleAction(env, -ones, ones)
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
+def check_env(env_id: str) -> None:
+    """Fails with one line for an unknown id or an action/observation space this script cannot handle."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:  # NameNotFound, VersionNotFound, DependencyNotInstalled, ...
+        fail(f"cannot make env {env_id!r}: {e} (e.g. --env-id Ant-v5, HalfCheetah-v5, Hopper-v5, Pendulum-v1)")
+    act, obs = env.action_space, env.observation_space
+    env.close()
+    if not isinstance(act, gym.spaces.Box):
+        fail(f"{env_id} has a {type(act).__name__} action space; {SCRIPT} needs a continuous Box action space")
+    if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
+        fail(f"{env_id} has unbounded actions; the diffusion policy needs finite Box bounds")
+    if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
+        fail(f"{env_id} has observation space {obs}; {SCRIPT} needs a flat Box (wrap it with FlattenObservation)")
+
+
+class ReplayBuffer:
+    """Uniform replay memory kept on the training device; sampling never leaves the device."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.pos, self.size = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim, device=device)
+        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
+        self.actions = torch.zeros(capacity, act_dim, device=device)
+        self.rewards = torch.zeros(capacity, device=device)
+        self.dones = torch.zeros(capacity, device=device)  # 1 = terminated (no bootstrap); truncations stay 0
+
+    def add(self, obs, next_obs, actions, rewards, terminations) -> None:
+        idx = torch.arange(self.pos, self.pos + len(obs)) % self.capacity
+        for buf, value in zip(self.fields(), (obs, next_obs, actions, rewards, terminations)):
+            buf[idx] = torch.as_tensor(np.asarray(value), dtype=torch.float32).to(buf.device, non_blocking=True)
+        self.pos = (self.pos + len(obs)) % self.capacity
+        self.size = min(self.size + len(obs), self.capacity)
+
+    def sample(self, batch_size: int):
+        idx = torch.randint(0, self.size, (batch_size,), device=self.obs.device)
+        return tuple(buf[idx] for buf in self.fields())
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return self.obs, self.next_obs, self.actions, self.rewards, self.dones
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "size": self.size, "data": [buf[: self.size].cpu() for buf in self.fields()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos, self.size = state["pos"], state["size"]
+        for buf, saved in zip(self.fields(), state["data"]):
+            buf[: self.size] = saved.to(buf.device)
+
+
+def normal_linear(in_dim: int, out_dim: int) -> nn.Linear:
+    """nn.Linear with the official init (`agent/helpers.py:init_weights`): weight ~ N(0, (1 / (2 sqrt(fan_in)))^2),
+    zero bias. The official "truncated" loop rebinds a local variable, so the weights are in fact untruncated."""
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.normal_(layer.weight, std=1.0 / (2.0 * math.sqrt(in_dim)))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """in -> 3 x [Linear(hidden), Mish] -> Linear(out)."""
+    return nn.Sequential(normal_linear(in_dim, hidden_dim), nn.Mish(), normal_linear(hidden_dim, hidden_dim), nn.Mish(),
+                         normal_linear(hidden_dim, hidden_dim), nn.Mish(), normal_linear(hidden_dim, out_dim))
+
+
+class QNetwork(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, hidden_dim, 1)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)  # [B]
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the integer step t (DIPO/Diffusion-QL style, unscaled): [sin(t f_k), cos(t f_k)],
+    f_k = exp(-k ln(1e4) / (dim/2 - 1)), k = 0..dim/2-1."""
+    half = dim // 2
+    freqs = torch.exp(-torch.arange(half, dtype=torch.float32, device=t.device) * (math.log(10000.0) / (half - 1)))
+    angles = t.float()[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1)  # [len(t), dim]
+
+
+class Denoiser(nn.Module):
+    """Noise prediction eps_theta(x_t, t, s): MLP on [x_t, temb, obs], temb = MLP(sinusoidal(t)) (32 -> 256 -> 32)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, time_dim: int, diffusion_steps: int):
+        super().__init__()
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.time_mlp = nn.Sequential(normal_linear(time_dim, hidden_dim), nn.Mish(), normal_linear(hidden_dim, time_dim))
+        self.net = mlp(act_dim + time_dim + obs_dim, hidden_dim, act_dim)
+        self.register_buffer("time_features", sinusoidal_embedding(torch.arange(diffusion_steps), time_dim))  # [T, E]
+
+    def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(self.time_features[t])  # t: [B] integer steps
+        return self.net(torch.cat([x, temb, obs], -1))  # the official input order [x_t, temb, s]
+
+
+def cosine_beta_schedule(diffusion_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule exactly as the official `helpers.py` computes it (fp64): abar(x) =
+    cos^2((x / (T+1) + s) / (1 + s) * pi / 2) / abar(0) at x = linspace(0, T+1, T+1), beta_i = 1 - abar_{i+1} / abar_i,
+    clipped to [0, max_beta]; abar hits 0 at the last point, so beta_T = 1 -> 0.999."""
+    x = torch.linspace(0, diffusion_steps + 1, diffusion_steps + 1, dtype=torch.float64)
+    alphas_cumprod = torch.cos((x / (diffusion_steps + 1) + s) / (1 + s) * math.pi * 0.5) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0.0, max_beta)
+
+
+class DDPMSchedule:
+    """Coefficients of q(x_t | x_0) and of the DDPM posterior q(x_{t-1} | x_t, x_0), indexed by t = 0..T-1."""
+
+    def __init__(self, betas: torch.Tensor, device: torch.device):
+        betas = betas.double()
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        coefs = {
+            "betas": betas,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_std": (0.5 * posterior_variance.clamp(min=1e-20).log()).exp(),
+        }
+        for name, value in coefs.items():
+            setattr(self, name, value.float().to(device))
+        self.T = len(betas)
+        # Python floats for the sampling loop, so a step multiplies by scalars instead of indexing device tensors.
+        self.steps = list(zip(*(coefs[k].tolist() for k in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                                                              "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std"))))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        return self.sqrt_alphas_cumprod[t, None] * x0 + self.sqrt_one_minus_alphas_cumprod[t, None] * eps
+
+
+def reverse_chain(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, x: torch.Tensor,
+                  noise: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """Runs x_T -> x_0. obs: [N, S]; x: [N, A] = x_T; noise: [T, N, A], noise[t] is added at step t > 0.
+
+    Each step: x0_hat = clip(x/sqrt(abar_t) - eps * sqrt(1/abar_t - 1), -1, 1), then the posterior mean
+    c1_t x0_hat + c2_t x_t plus posterior_std_t * noise[t], with no noise at the last step (t = 0)."""
+    temb = denoiser.time_mlp(denoiser.time_features)  # [T, E], once per chain
+    if backend == "triton":
+        import kernels
+
+        layers = [(m.weight, m.bias) for m in denoiser.net if isinstance(m, nn.Linear)]
+        return kernels.reverse_chain(layers, obs, x, temb, schedule.betas, "xts", noise=noise, clip=1.0)
+    first, rest = denoiser.net[0], denoiser.net[1:]
+    w_x, w_temb, w_obs = first.weight.split([x.shape[1], temb.shape[1], obs.shape[1]], dim=1)
+    obs_proj = F.linear(obs, w_obs, first.bias)  # [N, H]: the state part of layer 1, hoisted out of the loop
+    temb_proj = F.linear(temb, w_temb)  # [T, H]
+    for t in reversed(range(schedule.T)):
+        recip, recipm1, coef1, coef2, std = schedule.steps[t]
+        eps = rest(obs_proj + temb_proj[t] + F.linear(x, w_x))
+        x0 = (recip * x - recipm1 * eps).clamp(-1.0, 1.0)
+        x = coef1 * x0 + coef2 * x
+        if t > 0:
+            x = x + std * noise[t]
+    return x
+
+
+@torch.no_grad()
+def sample_actions(denoiser: Denoiser, qf1: QNetwork, qf2: QNetwork, schedule: DDPMSchedule, obs: torch.Tensor,
+                   num_samples: int, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Best of `num_samples` diffusion samples per state by min(Q1, Q2): [B, S] -> actions [B, A] in [-1, 1] and the
+    min-Q of every candidate [B, num_samples] (the official `Diffusion.sample` / `sample_n` with chosen = 1)."""
+    batch, act_dim = obs.shape[0], denoiser.act_dim
+    obs_rep = obs.repeat_interleave(num_samples, 0)  # [B*K, S], candidates of a state are contiguous
+    x = torch.randn(batch * num_samples, act_dim, device=obs.device)  # x_T ~ N(0, I)
+    noise = torch.randn(schedule.T, batch * num_samples, act_dim, device=obs.device)
+    actions = reverse_chain(denoiser, schedule, obs_rep, x, noise, backend).clamp(-1.0, 1.0)
+    q = torch.min(qf1(obs_rep, actions), qf2(obs_rep, actions)).view(batch, num_samples)
+    best = actions.view(batch, num_samples, act_dim)[torch.arange(batch, device=obs.device), q.argmax(1)]
+    return best, q
+
+
+def q_weights(q: torch.Tensor, transform: str, running_mean: torch.Tensor | float = 0.0,
+              running_std: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Weight of the kept sample of each state (official `agent/q_transform.py`, defaults q_neg=0, cut=1, beta=1).
+
+    q: [B, K] min-Q of the K samples of a state; the kept one is the argmax. running_mean/std: the running
+    statistics of all sampled Q values (used by qexpn, qcut0n, qcut1n). Returns [B], all >= 0."""
+    q_best = q.max(1).values
+    if transform == "qadv":  # advantage of the best sample over the mean of the K: >= 0 by construction
+        return (q_best - q.mean(1)).clamp(min=0.0)
+    if transform == "qrelu":
+        return q_best.clamp(min=0.0)
+    if transform == "qcut":
+        return q_best.clamp(min=1.0)
+    if transform == "qexpn":
+        return torch.exp(((q_best - running_mean) / running_std).clamp(-8.0, 8.0))
+    if transform in ("qcut0n", "qcut1n"):  # the official code divides by running_std in a comment only
+        return (q_best - running_mean).clamp(min=0.0 if transform == "qcut0n" else 1.0)
+    raise ValueError(f"unknown q_transform {transform!r}")
+
+
+def entropy_weight(step: int, total_steps: int, initial: float, final: float) -> float:
+    """omega: linear decay initial -> final over total_steps, floored at final (official `main.py` L193)."""
+    return min(initial, max(final, initial - initial * step / total_steps))
+
+
+def q_weighted_loss(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The official WeightedL2: plain mean over [N, A] of weights[:, None] * (eps_pred - eps)^2, where the N rows are
+    the B kept samples followed by the num_uniform * B uniform-action rows (so the mean divides by (B + N_e B) * A)."""
+    return (weights[:, None] * (eps_pred - eps) ** 2).mean()
+
+
+@torch.no_grad()
+def evaluate(envs: list[gym.Env], policy, seed: int, device: torch.device) -> np.ndarray:
+    """One episode per env from fixed seeds, actions for all unfinished envs in one batch: returns [len(envs)]."""
+    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    returns, running = np.zeros(len(envs)), list(range(len(envs)))
+    while running:
+        batch = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=device)
+        actions = policy(batch).clamp(-1.0, 1.0).cpu().numpy()
+        still_running = []
+        for i, action in zip(running, actions):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+            returns[i] += reward
+            if not (terminated or truncated):
+                still_running.append(i)
+        running = still_running
+    return returns
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a crash while writing leaves the previous checkpoint intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def resolve_backend(choice: str, device: torch.device) -> str:
+    """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
+    if choice == "torch":
+        return "torch"
+    try:
+        import kernels
+
+        kernels.reverse_chain  # noqa: B018 (an empty kernels/ folder imports as a namespace package)
+    except (ImportError, AttributeError) as e:
+        if choice == "triton":
+            fail(f"--kernels triton needs the kernels/ package next to {SCRIPT} and triton ({e}); use --kernels torch")
+        return "torch"
+    return "triton" if choice == "triton" or device.type == "cuda" else "torch"
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    checkpoint = None
+    if args.resume:  # the saved flags become the defaults; flags given now override them
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
+        check_args(args)
+    check_env(args.env_id)
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True, resume="allow" if checkpoint else None)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    backend = resolve_backend(args.kernels, device)
+
+    # env setup: SAME_STEP autoreset, so the true final observation of an episode arrives in infos["final_obs"]
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, args.seed + i, args.max_episode_steps) for i in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    eval_envs = [make_env(args.env_id, args.seed + 10_000 + i, args.max_episode_steps,
+                          os.path.join(run_dir, "videos") if args.capture_video and i == 0 else None)()
+                 for i in range(args.eval_episodes)]
+    envs.action_space.seed(args.seed)
+    obs_dim = envs.single_observation_space.shape[0]
+    act_dim = envs.single_action_space.shape[0]
+
+    # ALGO LOGIC: initialize agent here
+    actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    actor_target = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    qf1, qf2 = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device), QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf1_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf2_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, eps=args.adam_eps)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=args.adam_eps)
+    # running mean and std of the sampled Q values (official alpha_mean = alpha_std = 0.001), for qexpn / qcut*n
+    q_stats = torch.tensor([0.0, 1.0], device=device)
+    schedule = DDPMSchedule(cosine_beta_schedule(args.diffusion_steps), device)
+    online_params = [*actor.parameters(), *qf1.parameters(), *qf2.parameters()]
+    target_params = [*actor_target.parameters(), *qf1_target.parameters(), *qf2_target.parameters()]
+    rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
+
+    def act(denoiser: Denoiser, obs: torch.Tensor, num_samples: int) -> torch.Tensor:
+        return sample_actions(denoiser, qf1, qf2, schedule, obs, num_samples, backend)[0]
+
+    # everything a checkpoint holds besides counters, Q statistics and RNG states (the replay buffer included)
+    stateful = {"actor": actor, "actor_target": actor_target, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
+                "qf2_target": qf2_target, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer, "rb": rb}
+    global_step, update_step, eval_history = 0, 0, []
+    if checkpoint:
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        q_stats.copy_(checkpoint["q_stats"])
+        global_step, update_step, eval_history = checkpoint["global_step"], checkpoint["update_step"], checkpoint["eval"]
+        set_rng_states(checkpoint["rng"])
+        print(f"resumed {run_name} at step {global_step:,} (replay buffer: {rb.size:,} transitions)")
+
+    def write_summary(wall_seconds: float, sps: float) -> None:
+        returns = [e["mean_return"] for e in eval_history]
+        summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
+                   "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
+                   "global_step": global_step, "kernels": backend, "device": str(device)}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    def run_evaluation() -> None:
+        # the online actor, best of eval_samples by the online critics, DDPM noise kept (official eval=True)
+        returns = evaluate(eval_envs, lambda obs: act(actor, obs, args.eval_samples), args.seed + 10_000, device)
+        eval_history.append({"step": global_step, "mean_return": float(returns.mean()), "std_return": float(returns.std())})
+        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+        writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
+        print(f"eval  step {global_step:>10,} | return {returns.mean():10.2f} +- {returns.std():.2f} ({len(returns)} episodes)")
+
+    def checkpoint_state() -> dict:
+        return {**{k: m.state_dict() for k, m in stateful.items()}, "q_stats": q_stats.cpu(),
+                "args": {**asdict(args), "resume": None}, "run_name": run_name, "global_step": global_step,
+                "update_step": update_step, "eval": eval_history, "rng": rng_states(),
+                "wall_seconds": prior_wall + time.time() - start_time}
+
+    start_time, start_step = time.time(), global_step
+    prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
+    episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+    last_return, losses = float("nan"), {}
+
+    # TRY NOT TO MODIFY: start the game
+    obs, _ = envs.reset(seed=args.seed + global_step)
+    while global_step < args.total_timesteps:
+        # ALGO LOGIC: put action logic here
+        alpha = entropy_weight(global_step, args.total_timesteps, args.entropy_alpha, args.entropy_alpha_min)
+        if rb.size < args.learning_starts:
+            actions = envs.action_space.sample()
+        else:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            # the online actor, best of behavior_samples by the online critics, no extra noise (already in [-1, 1])
+            actions = act(actor, obs_t, args.behavior_samples).cpu().numpy()
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        next_obs, rewards, terminations, truncations, infos = envs.step(actions)
+        prev_step, global_step = global_step, global_step + args.num_envs
+        episode_returns += rewards
+        episode_lengths += 1
+        for i in np.flatnonzero(terminations | truncations):
+            last_return = float(episode_returns[i])
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_lengths[i], global_step)
+            episode_returns[i], episode_lengths[i] = 0.0, 0
+
+        # TRY NOT TO MODIFY: save data to replay buffer; the true final obs replaces the reset obs of a finished env
+        real_next_obs = next_obs.copy()
+        for i in np.flatnonzero(infos.get("_final_obs", [])):
+            real_next_obs[i] = infos["final_obs"][i]
+        rb.add(obs, real_next_obs, actions, rewards, terminations)
+
+        # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+        obs = next_obs
+
+        # ALGO LOGIC: training.
+        if rb.size >= args.learning_starts:
+            b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
+            with torch.no_grad():  # TD target: the EMA actor's best of target_samples by the target critics
+                next_actions, _ = sample_actions(actor_target, qf1_target, qf2_target, schedule, b_next_obs,
+                                                 args.target_samples, backend)
+                target_q = torch.min(qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions))
+                td_target = b_rewards + args.gamma * (1.0 - b_dones) * target_q
+
+            qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+            qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
+            q_optimizer.zero_grad()
+            (qf1_loss + qf2_loss).backward()
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_([*qf1.parameters(), *qf2.parameters()], args.max_grad_norm)
+            q_optimizer.step()
+
+            # Q-weighted VLO on a fresh batch: per state keep the best of train_samples online-actor samples, scored
+            # by the just-updated critics, with weight w(s); append num_uniform uniform actions per state, weight
+            # omega * w(s) (the entropy term); one denoising loss over all (1 + num_uniform) * B rows.
+            p_obs = rb.sample(args.batch_size)[0]  # [B, S]
+            with torch.no_grad():
+                best_actions, q = sample_actions(actor, qf1, qf2, schedule, p_obs, args.train_samples, backend)  # [B, A], [B, K]
+                q_stats.lerp_(torch.stack([q.mean(), q.std()]), 0.001)  # official running_q_mean / running_q_std
+                weights = q_weights(q, args.q_transform, q_stats[0], q_stats[1])  # [B]
+                x0 = torch.cat([best_actions, 2.0 * torch.rand(args.num_uniform * args.batch_size, act_dim,
+                                                               device=device) - 1.0])  # [(1 + N_e) B, A]
+                rows_obs = p_obs.repeat(1 + args.num_uniform, 1)  # row j*B + b holds state b
+                rows_w = torch.cat([weights, alpha * weights.repeat(args.num_uniform)])
+                t = torch.randint(0, schedule.T, (len(x0),), device=device)
+                eps = torch.randn_like(x0)
+                x_t = schedule.q_sample(x0, t, eps)
+            actor_loss = q_weighted_loss(actor(rows_obs, x_t, t), eps, rows_w)
+            actor_optimizer.zero_grad()
+            actor_loss.backward()
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+            actor_optimizer.step()
+            with torch.no_grad():  # EMA of the actor and the critics, every update
+                torch._foreach_lerp_(target_params, online_params, args.tau)
+            update_step += 1
+            losses.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), qf1_values=qf1_a_values.detach().mean(),
+                          qf2_values=qf2_a_values.detach().mean(), actor_loss=actor_loss.detach(),
+                          q_weight=weights.mean(), q_best=q.max(1).values.mean(), q_samples=q.mean())
+
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals
+        if global_step // args.log_frequency > prev_step // args.log_frequency:
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("losses/alpha", alpha, global_step)  # omega, the entropy-row weight
+            values = {k: v.item() for k, v in losses.items()}
+            for k, v in values.items():
+                writer.add_scalar(f"losses/{k}", v, global_step)
+            if values:
+                writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            loss_text = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("qf1_loss", "actor_loss"))
+            print(f"step {global_step:>10,} | SPS {sps:>5} | return {last_return:10.2f} | omega {alpha:.4f}"
+                  + (f" | {loss_text}" if loss_text else " | warm-up"), flush=True)
+        if global_step // args.eval_frequency > prev_step // args.eval_frequency or global_step >= args.total_timesteps:
+            run_evaluation()
+            write_summary(prior_wall + time.time() - start_time, (global_step - start_step) / (time.time() - start_time))
+        if args.save_model and (global_step // args.checkpoint_frequency > prev_step // args.checkpoint_frequency
+                                or global_step >= args.total_timesteps):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
+
+    wall = time.time() - start_time
+    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    print(f"done: {global_step:,} env steps in {wall:.0f} s; final eval return {eval_history[-1]['mean_return']:.2f}; "
+          f"summary in {os.path.join(run_dir, 'summary.json')}")
+    envs.close()
+    for env in eval_envs:
+        env.close()
+    writer.close()
