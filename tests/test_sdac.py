@@ -1,0 +1,170 @@
+"""sdac.py: schedule constants, sampler, loss, end-to-end runs, resume, error paths and a learning check."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+
+import sdac
+
+TINY = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--batch-size", "16", "--learning-starts", "64",
+        "--num-particles", "4", "--num-reverse-samples", "8", "--diffusion-steps", "5", "--hidden-dim", "32",
+        "--eval-episodes", "2", "--max-episode-steps", "40", "--log-frequency", "50"]
+
+
+def test_linear_schedule_matches_official_constants():
+    betas = sdac.linear_beta_schedule(20, 0.8)
+    assert betas[0].item() == pytest.approx(8e-5)
+    assert betas[-1].item() == pytest.approx(0.7992)
+    assert betas[1].item() == pytest.approx(0.8 * (1e-4 + (0.999 - 1e-4) / 19))
+    sched = sdac.DDPMSchedule(betas, torch.device("cpu"))
+    # sqrt(abar_t) as listed in the reference sheet (SDAC §1.4), rounded to 3 decimals there.
+    expected = [1.000, 0.979, 0.937, 0.875, 0.798, 0.709, 0.613, 0.515, 0.420, 0.331, 0.252, 0.185, 0.130, 0.087,
+                0.056, 0.034, 0.020, 0.010, 0.005, 0.002]
+    np.testing.assert_allclose(sched.sqrt_alphas_cumprod.numpy(), expected, atol=1.5e-3)
+    assert sched.sqrt_alphas_cumprod[-1].item() ** 2 == pytest.approx(5.3e-6, rel=0.05)
+    # DDPM posterior: c1 + c2 * sqrt(alpha_t) ... at t = 0 the posterior collapses onto x0 (c1 = 1, c2 = 0).
+    assert sched.posterior_mean_coef1[0].item() == pytest.approx(1.0)
+    assert sched.posterior_mean_coef2[0].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_sinusoidal_embedding_is_scaled():
+    emb = sdac.sinusoidal_embedding(torch.tensor([0, 3]), 16)
+    assert emb.shape == (2, 16)
+    np.testing.assert_allclose(emb[0].numpy(), [0.0] * 8 + [0.25] * 8)
+    assert emb[1, 0].item() == pytest.approx(math.sin(3.0) / 4)
+    assert emb[1, 1].item() == pytest.approx(math.sin(3.0 * 10000 ** (-1 / 8)) / 4)
+
+
+def make_denoiser(obs_dim=3, act_dim=2, steps=5, seed=0):
+    torch.manual_seed(seed)
+    return sdac.Denoiser(obs_dim, act_dim, hidden_dim=32, time_dim=16, diffusion_steps=steps)
+
+
+def naive_chain(denoiser, sched, obs, x, noise):
+    """The textbook loop with the full (unsplit) network call per step, to check reverse_chain's hoisting."""
+    for t in reversed(range(sched.T)):
+        eps = denoiser(obs, x, torch.full((len(x),), t))
+        x0 = (sched.sqrt_recip_alphas_cumprod[t] * x - sched.sqrt_recipm1_alphas_cumprod[t] * eps).clamp(-1, 1)
+        x = sched.posterior_mean_coef1[t] * x0 + sched.posterior_mean_coef2[t] * x
+        if t > 0:
+            x = x + sched.posterior_std[t] * noise[t]
+    return x
+
+
+def test_reverse_chain_equals_textbook_loop_and_ignores_last_step_noise():
+    denoiser = make_denoiser()
+    sched = sdac.DDPMSchedule(sdac.linear_beta_schedule(5, 0.8), torch.device("cpu"))
+    obs, x, noise = torch.randn(7, 3), 0.5 * torch.randn(7, 2), torch.randn(5, 7, 2)
+    with torch.no_grad():
+        out = sdac.reverse_chain(denoiser, sched, obs, x, noise)
+        torch.testing.assert_close(out, naive_chain(denoiser, sched, obs, x, noise))
+        noise_last = noise.clone()
+        noise_last[0] += 100.0  # noise[0] would be added at t = 0, where DDPM adds none
+        torch.testing.assert_close(sdac.reverse_chain(denoiser, sched, obs, x, noise_last), out)
+        noise_mid = noise.clone()
+        noise_mid[1] += 1.0
+        assert not torch.allclose(sdac.reverse_chain(denoiser, sched, obs, x, noise_mid), out)
+
+
+def test_single_step_clips_x0_hat():
+    """T = 1 and a zero network: x_0 = clip(x_T / sqrt(abar_0), -1, 1) exactly (c1 = 1, c2 = 0)."""
+    denoiser = make_denoiser(steps=1)
+    for p in denoiser.net.parameters():
+        torch.nn.init.zeros_(p)
+    sched = sdac.DDPMSchedule(torch.tensor([0.36]), torch.device("cpu"))
+    x = torch.tensor([[0.4, -0.1], [3.0, -5.0]])
+    with torch.no_grad():
+        out = sdac.reverse_chain(denoiser, sched, torch.zeros(2, 3), x, torch.randn(1, 2, 2))
+    torch.testing.assert_close(out, torch.tensor([[0.5, -0.125], [1.0, -1.0]]))
+
+
+def test_sample_actions_keeps_best_particle_per_state():
+    denoiser = make_denoiser()
+    sched = sdac.DDPMSchedule(sdac.linear_beta_schedule(5, 0.8), torch.device("cpu"))
+    target = torch.tensor([0.3, -0.2])
+
+    def q(obs, a):  # prefers actions close to `target`
+        return -((a - target) ** 2).sum(-1)
+
+    obs = torch.randn(6, 3)
+    torch.manual_seed(123)
+    best = sdac.sample_actions(denoiser, q, q, sched, obs, num_particles=10, init_noise_scale=0.5)
+    assert best.shape == (6, 2) and best.abs().max() <= 1.0
+    # Replay the same random draws to get every particle, then check the kept one is the argmax.
+    torch.manual_seed(123)
+    obs_rep = obs.repeat_interleave(10, 0)
+    x, noise = 0.5 * torch.randn(60, 2), torch.randn(5, 60, 2)
+    with torch.no_grad():
+        particles = sdac.reverse_chain(denoiser, sched, obs_rep, x, noise).clamp(-1, 1).view(6, 10, 2)
+    expected = particles[torch.arange(6), q(None, particles).argmax(1)]
+    torch.testing.assert_close(best, expected)
+
+
+def test_reweighted_score_matching_loss_hand_checked():
+    # One state, two reverse samples, 1-D action: weights softmax([0, ln 3]) = [1/4, 3/4];
+    # loss = mean over (R=2) of w * (0 - eps)^2 = (0.25 * 1 + 0.75 * 4) / 2.
+    eps_pred = torch.zeros(1, 1)
+    eps = torch.tensor([[[1.0], [2.0]]])
+    q = torch.tensor([[0.0, math.log(3.0) * 0.5]])
+    loss = sdac.reweighted_score_matching_loss(eps_pred, eps, q, temperature=0.5)
+    assert loss.item() == pytest.approx(1.625)
+    # A large temperature gives uniform weights: plain denoising MSE / R.
+    loss_uniform = sdac.reweighted_score_matching_loss(eps_pred, eps, q, temperature=1e9)
+    assert loss_uniform.item() == pytest.approx((0.5 * 1 + 0.5 * 4) / 2)
+
+
+def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
+    # 2 envs x 40-step episodes: 160 env steps end 4 episodes (truncations) and run 48 updates.
+    first = run_script("sdac.py", *TINY, "--total-timesteps", "160", "--eval-frequency", "80", "--save-model",
+                       "--checkpoint-frequency", "80", cwd=tmp_path)
+    assert "eval  step" in first.stdout and "SPS" in first.stdout
+    (run_dir,) = run_dirs(tmp_path)
+    summary = read_summary(run_dir)
+    for key in ("args", "eval", "final_eval_return", "best_eval_return", "sps", "wall_seconds"):
+        assert key in summary, key
+    assert [e["step"] for e in summary["eval"]] == [80, 160]
+    assert summary["final_eval_return"] == summary["eval"][-1]["mean_return"] < 0  # Pendulum returns are negative
+    scalars = tensorboard_scalars(run_dir)
+    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_loss",
+                "losses/qf_loss", "losses/actor_loss", "losses/alpha", "eval/episodic_return"):
+        assert tag in scalars, tag
+    assert [v for _, v in scalars["charts/episodic_length"]] == [40.0] * 4
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "checkpoint.pt.tmp").exists()
+
+    resumed = run_script("sdac.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "240",
+                         cwd=tmp_path)
+    assert "resumed" in resumed.stdout and "at step 160" in resumed.stdout
+    assert run_dirs(tmp_path) == [run_dir]  # continues in the same run directory
+    summary = read_summary(run_dir)
+    assert [e["step"] for e in summary["eval"]] == [80, 160, 240]
+    assert summary["args"]["num_particles"] == 4  # saved flags came back
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["global_step"] == 240 and ckpt["rb"]["size"] == 240
+    assert ckpt["update_step"] == (240 - 64) // 2 + 1
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--env-id", "NoSuchEnv-v0"], ["NoSuchEnv-v0"]),
+    (["--env-id", "CartPole-v1"], ["Discrete", "continuous"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--gamma", "1.5"], ["--gamma"]),
+    (["--resume", "missing/checkpoint.pt"], ["--resume"]),
+])
+def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
+    proc = run_script("sdac.py", *TINY, "--total-timesteps", "10", *flags, cwd=tmp_path, check=False)
+    assert_one_line_error(proc, *needles)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_learns_pendulum(tmp_path):
+    """Pendulum-v1 (action bounds +-2, rescaled): a random policy scores about -1200; SDAC with reduced particles,
+    steps and width must clearly beat it within the CPU budget."""
+    run_script("sdac.py", "--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "500",
+               "--num-envs", "1", "--batch-size", "64", "--eval-frequency", "3000", "--eval-episodes", "4",
+               "--log-frequency", "1000", "--num-particles", "8", "--num-reverse-samples", "16",
+               "--diffusion-steps", "10", "--hidden-dim", "64", "--alpha-frequency", "50", cwd=tmp_path)
+    summary = read_summary(run_dirs(tmp_path)[0])
+    assert summary["final_eval_return"] > -700, summary["eval"]
