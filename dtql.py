@@ -1,0 +1,719 @@
+# Docs: README.md#dtql
+"""Diffusion Trusted Q-Learning (DTQL), offline, in one file, on Minari datasets.
+
+Paper: Chen, Wang, Zhou, "Diffusion Policies creating a Trust Region for Offline Reinforcement Learning" (NeurIPS
+2024; arXiv 2405.19690). Official PyTorch code: TianyuCodings/Diffusion_Trusted_Q_Learning @ 9a29cea
+(`agents/dtql.py`, `agents/model.py`, `diffusion/karras.py`, `diffusion/mlps.py`, `main.py`); its per-task table is
+the `OFFICIAL_TASKS` below.
+
+A diffusion model (EDM preconditioning, continuous noise level sigma) is trained by pure behaviour cloning. A one-step
+tanh-Gaussian policy is trained on alpha * (the same diffusion loss evaluated at the policy's own actions: the
+"diffusion trust region" loss) - min(Q1, Q2) + gamma * NLL(dataset actions), with an IQL critic (twin Q + V,
+expectile regression). The diffusion model is never sampled, so DTQL has no reverse chain: `--kernels` and
+`--diffusion-steps` are accepted so the five scripts share one command line, and have no effect here.
+
+Deviations from the official code (each deliberate; README.md#dtql explains them):
+1. Data come from Minari (`minari.load_dataset`), not `d4rl.qlearning_dataset`: transitions obs[:-1] -> obs[1:] of
+   every episode, terminations cut the bootstrap and truncations do not. Actions are rescaled from the dataset's Box
+   to [-1, 1] (the identity for every official task, whose max_action is 1), so max_action = 1 here.
+2. Evaluation runs the `eval_episodes` episodes in lock-step, one env each, reset with seeds seed+100+i (official: one
+   env seeded once with seed+100, episodes in sequence), candidates of all running envs in one batch.
+3. Pretraining (BC diffusion + IQL critic, 50k steps) is part of the run, of `global_step` and of the checkpoint
+   (--resume), instead of being cached as diffusion_pretrained_50.pth / critic_pretrained_50.pth in the results
+   folder and silently reloaded by any later run with the same folder.
+4. The main loop runs exactly `total_timesteps` steps (official `while it < max + 1`: one extra step, whose cosine lr
+   has started rising again).
+5. State the official code builds but never reads is not built: the EMA copies of the BC model and of the one-step
+   policy, and the per-iteration `env.reset()` of the training env.
+6. Speed, same math: the IQL critic loss evaluates Q1, Q2 once and detaches their min for the value target (the
+   official code runs a second no-grad forward of the same nets on the same inputs), and the policy backward computes
+   gradients for the policy only (the official code also fills .grad of the BC model and the critic, which is zeroed
+   before those are stepped).
+Official quirks kept: the trust-region loss samples its own sigma and noise; the critic's lr (hard-coded 3e-4) also
+follows the cosine decay; the target critic is not updated during pretraining and is used only to rank evaluation
+candidates; evaluation draws 1 of 1024 *stochastic* policy samples by softmax(min target Q) (`--eval-deterministic`
+gives the plain deterministic one-step action tanh(mu) instead).
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+# The official per-task table (DTQL main.py `offline_hyperparameters`): lr of the BC model and of the policy, alpha
+# (trust-region weight), gamma (NLL weight, not the discount), lr_decay, epochs of 1000 main-loop steps, batch size,
+# IQL expectile. The official antmaze -v2 rows equal the -v0 rows. Eval episodes: 10 for the gym (-v2) tasks, else 100.
+OFFICIAL_TASKS = {
+    "halfcheetah-medium-v2": (3e-4, 1.0, 0.0, False, 1000, 256, 0.7),
+    "halfcheetah-medium-replay-v2": (3e-4, 5.0, 0.0, False, 1000, 256, 0.7),
+    "halfcheetah-medium-expert-v2": (3e-4, 50.0, 0.0, False, 1000, 256, 0.7),
+    "hopper-medium-v2": (1e-4, 5.0, 0.0, True, 1000, 256, 0.7),
+    "hopper-medium-replay-v2": (3e-4, 5.0, 0.0, False, 1000, 256, 0.7),
+    "hopper-medium-expert-v2": (3e-4, 20.0, 0.0, False, 1000, 256, 0.7),
+    "walker2d-medium-v2": (3e-4, 5.0, 0.0, True, 1000, 256, 0.7),
+    "walker2d-medium-replay-v2": (3e-4, 5.0, 0.0, True, 1000, 256, 0.7),
+    "walker2d-medium-expert-v2": (3e-4, 5.0, 0.0, True, 1000, 256, 0.7),
+    "antmaze-umaze-v0": (3e-4, 1.0, 1.0, False, 500, 2048, 0.9),
+    "antmaze-umaze-diverse-v0": (3e-5, 1.0, 1.0, True, 500, 2048, 0.9),
+    "antmaze-medium-play-v0": (3e-4, 1.0, 1.0, False, 400, 2048, 0.9),
+    "antmaze-medium-diverse-v0": (3e-4, 1.0, 1.0, False, 400, 2048, 0.9),
+    "antmaze-large-play-v0": (3e-4, 1.0, 1.0, False, 350, 2048, 0.9),
+    "antmaze-large-diverse-v0": (3e-4, 0.5, 1.0, False, 300, 2048, 0.9),
+    "pen-human-v1": (3e-5, 1500.0, 0.0, True, 300, 256, 0.9),
+    "pen-cloned-v1": (1e-5, 1500.0, 0.0, False, 200, 256, 0.7),
+    "kitchen-complete-v0": (1e-4, 200.0, 0.0, True, 500, 256, 0.7),
+    "kitchen-partial-v0": (1e-4, 100.0, 0.0, True, 1000, 256, 0.7),
+    "kitchen-mixed-v0": (3e-4, 200.0, 0.0, True, 500, 256, 0.7),
+}
+# Named presets: the official row of one representative task per family (the same tasks as diffusion_ql.py), used
+# for datasets with no official twin.
+PRESETS = {"locomotion": "hopper-medium-v2", "antmaze": "antmaze-medium-diverse-v0", "pen": "pen-human-v1",
+           "kitchen": "kitchen-partial-v0"}
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "diffusion-rl"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """record the first evaluation episode of every evaluation to runs/{run_name}/videos (needs moviepy)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.pt every `checkpoint_frequency` gradient steps and at the end"""
+    resume: str | None = None
+    """path of a checkpoint.pt to continue from (flags given with it override the saved ones)"""
+    checkpoint_frequency: int = 50_000
+    """gradient steps (pretraining included) between checkpoints (with --save-model)"""
+    dataset_id: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (Box observations and actions); looked up under MINARI_DATASETS_PATH first"""
+    total_timesteps: int | None = None
+    """main-loop gradient steps, after the `pretrain_steps` (None: the preset's epochs x 1000, e.g. 1M for locomotion)"""
+    learning_starts: int = 0
+    """unused offline (the whole dataset is there from step 0); kept for the common flag set, must be 0"""
+    num_envs: int = 1
+    """unused offline (evaluation runs its `eval_episodes` envs in lock-step); kept for the common flag set, must be 1"""
+    batch_size: int | None = None
+    """the batch size of transitions sampled uniformly (with replacement) from the dataset (None: preset, 256 or 2048)"""
+    eval_frequency: int = 50_000
+    """main-loop gradient steps between evaluations (official: every 50 epochs of 1000 steps)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation (None: 10 for locomotion, 100 for antmaze, pen and kitchen, as the official code)"""
+    diffusion_steps: int = 0
+    """unused: DTQL's diffusion model has a continuous noise level and is never sampled (kept for the common flag set)"""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """reverse-chain backend of the other scripts; no effect here: DTQL never runs the reverse chain"""
+    log_frequency: int = 1_000
+    """gradient steps between status lines and TensorBoard loss scalars"""
+
+    # Algorithm specific arguments
+    preset: str = "auto"
+    """official hyper-parameters: auto (from the dataset id), locomotion, antmaze, pen, kitchen, or an official task
+    name such as hopper-medium-v2; the flags below that default to None override it one by one"""
+    lr: float | None = None
+    """learning rate of the BC diffusion model and of the one-step policy (None: preset)"""
+    alpha: float | None = None
+    """weight of the diffusion trust-region loss in the policy loss (None: preset)"""
+    nll_weight: float | None = None
+    """weight of the NLL of dataset actions in the policy loss, `gamma` in the official code (None: preset)"""
+    lr_decay: bool | None = None
+    """cosine lr decay to 0 over the main loop, stepped every gradient step, on all three optimizers (None: preset)"""
+    expectile: float | None = None
+    """IQL expectile of the value loss (None: preset)"""
+    reward_tune: Literal["no", "iql_antmaze"] | None = None
+    """reward transform: none, or r - 1 (None: iql_antmaze for antmaze, else no; as the official code)"""
+    pretrain_steps: int = 50_000
+    """gradient steps of BC diffusion + critic pretraining before the main loop (official: 50 epochs)"""
+    critic_lr: float = 3e-4
+    """learning rate of the IQL critic (hard-coded 3e-4 in the official code for every task)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """Polyak coefficient of the target critic, every main-loop step (the target ranks evaluation candidates only)"""
+    sigma_data: float = 0.5
+    """EDM sigma_data"""
+    sigma_min: float = 0.002
+    """lower truncation of the log-logistic noise-level density"""
+    sigma_max: float = 80.0
+    """upper truncation of the log-logistic noise-level density"""
+    eval_candidates: int = 1024
+    """policy samples per state at evaluation, one drawn by softmax of the target min-Q (official `--repeats`)"""
+    eval_deterministic: bool = False
+    """evaluate the deterministic one-step action tanh(mu) instead of the candidate resampling"""
+    hidden_dim: int = 256
+    """width of the hidden layers of the BC model, the policy and the critic"""
+    time_dim: int = 16
+    """size of the sinusoidal embedding of ln(sigma) / 4"""
+
+
+SCRIPT = os.path.basename(__file__)
+
+
+def fail(message: str) -> None:
+    """Bad input: one actionable line on stderr and exit code 1, no traceback."""
+    sys.exit(f"{SCRIPT}: error: {message}")
+
+
+def check_args(args: Args) -> None:
+    positive = ["eval_frequency", "log_frequency", "checkpoint_frequency", "eval_candidates", "hidden_dim"]
+    for name in positive + [n for n in ("total_timesteps", "batch_size", "eval_episodes") if getattr(args, n) is not None]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.learning_starts != 0 or args.num_envs != 1:
+        fail("--learning-starts and --num-envs are unused offline; leave them at 0 and 1")
+    if args.pretrain_steps < 0 or args.diffusion_steps < 0:
+        fail(f"--pretrain-steps and --diffusion-steps must be >= 0, got {args.pretrain_steps} and {args.diffusion_steps}")
+    if args.preset != "auto" and args.preset not in PRESETS and args.preset not in OFFICIAL_TASKS:
+        fail(f"unknown --preset {args.preset!r}; choose auto, {', '.join(PRESETS)} or an official task name "
+             f"such as hopper-medium-v2")
+    if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
+        fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
+    if (args.lr is not None and args.lr <= 0) or args.critic_lr <= 0:
+        fail("--lr and --critic-lr must be positive")
+    if (args.alpha is not None and args.alpha < 0) or (args.nll_weight is not None and args.nll_weight < 0):
+        fail(f"--alpha and --nll-weight must be >= 0, got {args.alpha} and {args.nll_weight}")
+    if args.expectile is not None and not 0 < args.expectile < 1:
+        fail(f"--expectile must be in (0, 1), got {args.expectile}")
+    if not 0 < args.sigma_min < args.sigma_data < args.sigma_max:
+        fail(f"need 0 < --sigma-min < --sigma-data < --sigma-max, got {args.sigma_min}, {args.sigma_data}, "
+             f"{args.sigma_max}")
+    if args.time_dim < 4 or args.time_dim % 2:
+        fail(f"--time-dim must be an even number >= 4, got {args.time_dim}")
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at {args.resume!r} (runs/<run_name>/checkpoint.pt is written by --save-model)")
+
+
+def official_task(dataset_id: str) -> str | None:
+    """The official (D4RL) task a Minari dataset id corresponds to, e.g. mujoco/hopper/medium-v0 -> hopper-medium-v2,
+    D4RL/antmaze/umaze-diverse-v1 -> antmaze-umaze-diverse-v0, D4RL/pen/human-v2 -> pen-human-v1; else None."""
+    parts = dataset_id.rsplit("-v", 1)[0].split("/")
+    if len(parts) < 2:
+        return None
+    env, name = parts[-2].lower(), parts[-1].lower()
+    suffix = {"halfcheetah": "v2", "hopper": "v2", "walker2d": "v2", "antmaze": "v0", "pen": "v1", "kitchen": "v0"}
+    task = f"{env}-{name}-{suffix[env]}" if env in suffix else None
+    return task if task in OFFICIAL_TASKS else None
+
+
+def resolve_preset(args: Args) -> tuple[Args, str]:
+    """Fills every None hyper-parameter from the preset; returns the resolved args and the official row used."""
+    if args.preset in OFFICIAL_TASKS:
+        task = args.preset
+    elif args.preset in PRESETS:
+        task = PRESETS[args.preset]
+    else:  # auto: the dataset's official twin, else the family preset its id names, else locomotion
+        family = next((f for f in ("antmaze", "pen", "kitchen") if f in args.dataset_id.lower()), "locomotion")
+        task = official_task(args.dataset_id) or PRESETS[family]
+    lr, alpha, nll_weight, lr_decay, epochs, batch_size, expectile = OFFICIAL_TASKS[task]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return replace(args, lr=pick(args.lr, lr), alpha=pick(args.alpha, alpha), nll_weight=pick(args.nll_weight, nll_weight),
+                   lr_decay=pick(args.lr_decay, lr_decay), expectile=pick(args.expectile, expectile),
+                   batch_size=pick(args.batch_size, batch_size), total_timesteps=pick(args.total_timesteps, epochs * 1000),
+                   reward_tune=pick(args.reward_tune, "iql_antmaze" if task.startswith("antmaze") else "no"),
+                   eval_episodes=pick(args.eval_episodes, 10 if task.endswith("-v2") else 100)), task
+
+
+def load_dataset(dataset_id: str):
+    """Local Minari dataset first; a download only where it can work (huggingface_hub importable, not offline)."""
+    import importlib.util
+
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a malformed id or a broken local copy
+        fail(f"cannot load Minari dataset {dataset_id!r}: {type(e).__name__}: {e}")
+    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    how = f"`minari download {dataset_id}` (needs `pip install \"minari[hf]\"` and the internet) or set MINARI_DATASETS_PATH"
+    if importlib.util.find_spec("huggingface_hub") is None or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        fail(f"dataset {dataset_id!r} is not under {root} and cannot be downloaded here; get it with {how}")
+    try:
+        print(f"{dataset_id} is not under {root}; downloading it from the Minari hub ...", flush=True)
+        minari.download_dataset(dataset_id)
+        return minari.load_dataset(dataset_id)
+    except Exception as e:
+        fail(f"dataset {dataset_id!r} is not under {root} and the download failed ({type(e).__name__}); get it with {how}")
+
+
+def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """All transitions of the dataset as device tensors: obs/next_obs [N, S], actions [N, A] rescaled to [-1, 1],
+    rewards [N, 1] (after the reward transform) and not_dones [N, 1] (0 only where the episode terminated)."""
+    obs, next_obs, actions, rewards, terminals = [], [], [], [], []
+    for ep in dataset.iterate_episodes():
+        obs.append(ep.observations[:-1]), next_obs.append(ep.observations[1:]), actions.append(ep.actions)
+        rewards.append(ep.rewards), terminals.append(ep.terminations)
+    low, high = dataset.action_space.low, dataset.action_space.high
+    actions = 2.0 * (np.concatenate(actions) - low) / (high - low) - 1.0
+    rewards = np.concatenate(rewards).astype(np.float32)
+    if reward_tune == "iql_antmaze":
+        rewards = rewards - 1.0
+    data = {"obs": np.concatenate(obs), "next_obs": np.concatenate(next_obs), "actions": np.clip(actions, -1.0, 1.0),
+            "rewards": rewards[:, None], "not_dones": 1.0 - np.concatenate(terminals).astype(np.float32)[:, None]}
+    return {k: torch.as_tensor(v, dtype=torch.float32).to(device) for k, v in data.items()}
+
+
+def check_spaces(dataset, dataset_id: str) -> None:
+    for what, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            fail(f"{dataset_id} has a {type(space).__name__} {what} space {space}; {SCRIPT} needs flat Box spaces")
+    if not (np.all(np.isfinite(dataset.action_space.low)) and np.all(np.isfinite(dataset.action_space.high))):
+        fail(f"{dataset_id} has unbounded actions; the tanh policy needs finite Box bounds")
+
+
+def make_env(dataset, seed: int, video_dir: str | None = None):
+    """A thunk that builds one evaluation env (the dataset's eval env) acting in [-1, 1]."""
+
+    def thunk() -> gym.Env:
+        try:
+            # render_mode only when recording: envs without a render_mode argument (the test bandit) must work
+            env = dataset.recover_environment(eval_env=True, **({"render_mode": "rgb_array"} if video_dir else {}))
+        except Exception as e:  # unregistered/unimportable entry point, missing MuJoCo, ...
+            fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
+        if video_dir:
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+        ones = np.ones(env.action_space.shape, dtype=np.float32)
+        env = gym.wrappers.RescaleAction(env, -ones, ones)
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EDM (Karras et al. 2022) pieces, as in the official diffusion/karras.py and diffusion/utils.py
+def edm_scalings(sigma: torch.Tensor, sigma_data: float):
+    """sigma [B] -> c_skip, c_out, c_in, each [B, 1]."""
+    sigma = sigma[:, None]
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+    c_in = 1 / (sigma**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out, c_in
+
+
+def sample_sigma(n: int, sigma_data: float, sigma_min: float, sigma_max: float, device, generator=None):
+    """Truncated log-logistic noise levels: log(sigma) ~ Logistic(loc=ln sigma_data, scale=0.5) restricted to
+    [sigma_min, sigma_max] by inverse-CDF sampling in float64 (official `rand_log_logistic`). -> [n] float32."""
+    loc, scale = math.log(sigma_data), 0.5
+    # CDF bounds of the truncation, in Python float64 (no device tensors built per call)
+    lo = 1 / (1 + math.exp(-(math.log(sigma_min) - loc) / scale))
+    hi = 1 / (1 + math.exp(-(math.log(sigma_max) - loc) / scale))
+    u = torch.rand(n, dtype=torch.float64, device=device, generator=generator) * (hi - lo) + lo
+    return (torch.logit(u) * scale + loc).exp().float()
+
+
+def edm_loss(model: nn.Module, x: torch.Tensor, state: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+             sigma_data: float, max_action: float) -> torch.Tensor:
+    """EDM loss with the denoiser output clamped to +-max_action and weight 1/c_out^2 (official `clip_denoised`).
+    x [B, A] clean actions (dataset actions for BC; the policy's actions for the trust-region loss, where gradients
+    flow into x through both the noisy input x + sigma * noise and the regression target), state [B, S],
+    sigma [B], noise [B, A] -> scalar mean over batch and action dims."""
+    c_skip, c_out, c_in = edm_scalings(sigma, sigma_data)
+    x_noisy = x + noise * sigma[:, None]
+    denoised = c_skip * x_noisy + c_out * model(c_in * x_noisy, state, torch.log(sigma) / 4)
+    denoised = denoised.clamp(-max_action, max_action)
+    return (((denoised - x) / c_out) ** 2).mean()
+
+
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL asymmetric L2 (elementwise): weight expectile where diff > 0, 1 - expectile elsewhere; diff = q - v."""
+    weight = torch.where(diff > 0, expectile, 1 - expectile)
+    return weight * diff**2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1))), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # t [B] (continuous) -> [B, dim]
+        emb = t[:, None] * self.freqs[None, :]
+        return torch.cat([emb.sin(), emb.cos()], dim=-1)
+
+
+class ScoreNetwork(nn.Module):
+    """The official BC denoiser F(c_in x, s, ln(sigma)/4): input cat[x, s, temb] -> Linear(in,256) -> Linear(256,256)
+    -> Mish -> Linear(256,256) -> Mish -> Linear(256,256) -> Mish -> Linear(256,A). The official MLPNetwork puts no
+    activation after its first Linear, so the first two Linear layers compose to one linear map; kept for parity."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden_dim: int, time_dim: int):
+        super().__init__()
+        self.time_mlp = nn.Sequential(
+            SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim * 2), nn.Mish(), nn.Linear(time_dim * 2, time_dim)
+        )
+        self.net = nn.Sequential(
+            nn.Linear(action_dim + state_dim + time_dim, hidden_dim),
+            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+            nn.Linear(hidden_dim, action_dim),
+        )
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # x [B, A], state [B, S], t [B] -> [B, A]
+        return self.net(torch.cat([x, state, self.time_mlp(t)], dim=-1))
+
+
+class Actor(nn.Module):
+    """One-step tanh-Gaussian policy (official DiagGaussianActorTanhAction): 3 x 256 ReLU MLP -> (mu, log_std),
+    log_std clamped to [-5, 2], orthogonal weights and zero biases."""
+
+    def __init__(self, state_dim: int, action_dim: int, max_action: float, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(state_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, 2 * action_dim),
+        )
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.orthogonal_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.max_action = max_action
+
+    def forward(self, state: torch.Tensor):  # state [B, S] -> mu [B, A], log_std [B, A]
+        mu, log_std = self.net(state).chunk(2, dim=-1)
+        return mu, log_std.clamp(-5.0, 2.0)
+
+    def sample(self, state: torch.Tensor) -> torch.Tensor:
+        """Reparameterised a = clamp(max_action * tanh(mu + std * eps)) [B, A]."""
+        mu, log_std = self(state)
+        a = torch.tanh(mu + log_std.exp() * torch.randn_like(mu)) * self.max_action
+        return a.clamp(-self.max_action, self.max_action)
+
+    def deterministic(self, state: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(state)[0]) * self.max_action
+
+    def log_prob(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Gaussian log-density of atanh(a / (max_action + 1e-3)) summed over action dims, no tanh Jacobian (official)
+        -> [B, 1]."""
+        mu, log_std = self(state)
+        z = torch.atanh(action / (self.max_action + 1e-3))
+        logp = -((z - mu) ** 2) / (2 * torch.exp(2 * log_std)) - log_std - 0.5 * math.log(2 * math.pi)
+        return logp.sum(-1, keepdim=True)
+
+
+class Critic(nn.Module):
+    """IQL critic (official agents/model.py): Q1, Q2 = [Linear-LayerNorm-Mish] x 3 -> Linear(256, 1) on cat[s, a];
+    V = [Linear-Mish] x 3 -> Linear(256, 1) on s, without LayerNorm. One module, one optimizer."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden_dim: int):
+        super().__init__()
+
+        def q_net():
+            return nn.Sequential(
+                nn.Linear(state_dim + action_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish(),
+                nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish(),
+                nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Mish(),
+                nn.Linear(hidden_dim, 1),
+            )
+
+        self.q1, self.q2 = q_net(), q_net()
+        self.v = nn.Sequential(
+            nn.Linear(state_dim, hidden_dim), nn.Mish(),
+            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+            nn.Linear(hidden_dim, 1),
+        )
+
+    def forward(self, state: torch.Tensor, action: torch.Tensor):  # -> q1 [B, 1], q2 [B, 1]
+        sa = torch.cat([state, action], dim=-1)
+        return self.q1(sa), self.q2(sa)
+
+    def q_min(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return torch.min(*self(state, action))
+
+
+def critic_loss(critic: Critic, s, a, r, s_next, not_done, discount: float, expectile: float):
+    """IQL as the official code: L_V = expectile(min(Q1,Q2)(s,a) - V(s)) with the ONLINE Q detached, and
+    L_Q = MSE(Q1, y) + MSE(Q2, y), y = r + discount * not_done * V(s') with the ONLINE V detached.
+    -> (total, v_loss, q1_loss, q2_loss, q1, q2)."""
+    q1, q2 = critic(s, a)
+    v_loss = expectile_loss(torch.min(q1, q2).detach() - critic.v(s), expectile).mean()
+    with torch.no_grad():
+        y = r + not_done * discount * critic.v(s_next)
+    q1_loss, q2_loss = F.mse_loss(q1, y), F.mse_loss(q2, y)
+    return v_loss + q1_loss + q2_loss, v_loss, q1_loss, q2_loss, q1, q2
+
+
+def policy_loss(actor: Actor, bc_model: ScoreNetwork, critic: Critic, s: torch.Tensor, a_data: torch.Tensor,
+                alpha: float, nll_weight: float, sigma_data: float, sigma_min: float, sigma_max: float):
+    """Official distill-actor loss: alpha * L_TR + L_Q + nll_weight * L_NLL, with L_TR the EDM loss at the policy's
+    own reparameterised actions (fresh sigma and noise), L_Q = -mean(min(Q1, Q2)(s, a_pi)) with no normalisation,
+    and L_NLL the NLL of the dataset actions a_data (skipped when nll_weight = 0). -> (total, tr, q, nll)."""
+    a_pi = actor.sample(s)  # [B, A]
+    sigma = sample_sigma(s.shape[0], sigma_data, sigma_min, sigma_max, s.device)
+    tr_loss = edm_loss(bc_model, a_pi, s, sigma, torch.randn_like(a_pi), sigma_data, actor.max_action)
+    ql_loss = -critic.q_min(s, a_pi).mean()
+    nll_loss = -actor.log_prob(s, a_data).mean() if nll_weight != 0.0 else torch.zeros((), device=s.device)
+    return alpha * tr_loss + ql_loss + nll_weight * nll_loss, tr_loss, ql_loss, nll_loss
+
+
+@torch.no_grad()
+def select_actions(actor: Actor, critic_target: Critic, obs: torch.Tensor, num_candidates: int,
+                   deterministic: bool = False) -> torch.Tensor:
+    """Evaluation action for each state of obs [B, S] -> [B, A]. Official `sample_action`: `num_candidates` samples
+    of the stochastic policy per state, one drawn with probability softmax(min target Q) over them (temperature 1).
+    `deterministic`: the one-step action tanh(mu) instead (no candidates, no critic)."""
+    if deterministic:
+        return actor.deterministic(obs)
+    batch = obs.shape[0]
+    obs_rep = obs.repeat_interleave(num_candidates, 0)  # [B*K, S], the candidates of a state are contiguous
+    actions = actor.sample(obs_rep)  # [B*K, A]
+    q = critic_target.q_min(obs_rep, actions).view(batch, num_candidates)
+    idx = torch.multinomial(torch.softmax(q, dim=1), 1).squeeze(1)  # [B]
+    return actions.view(batch, num_candidates, -1)[torch.arange(batch, device=obs.device), idx]
+
+
+@torch.no_grad()
+def evaluate(envs: list[gym.Env], policy, seed: int, device: torch.device) -> np.ndarray:
+    """One episode per env from fixed seeds, actions for all unfinished envs in one batch: returns [len(envs)]."""
+    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    returns, running = np.zeros(len(envs)), list(range(len(envs)))
+    while running:
+        batch = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=device)
+        actions = policy(batch).clamp(-1.0, 1.0).cpu().numpy()
+        still_running = []
+        for i, action in zip(running, actions):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+            returns[i] += reward
+            if not (terminated or truncated):
+                still_running.append(i)
+        running = still_running
+    return returns
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a crash while writing leaves the previous checkpoint intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def cosine_factor(main_step: int, total: int) -> float:
+    """Official lr_decay: CosineAnnealingLR(T_max=total, eta_min=0) stepped after every main-loop step, so main step
+    m (0-based) runs at base_lr * 0.5 (1 + cos(pi m / total))."""
+    return 0.5 * (1.0 + math.cos(math.pi * main_step / total))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    checkpoint = None
+    if args.resume:  # the saved (resolved) flags become the defaults; flags given now override them
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
+        check_args(args)
+    args, task = resolve_preset(args)
+    dataset = load_dataset(args.dataset_id)
+    check_spaces(dataset, args.dataset_id)
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    run_name = (checkpoint["run_name"] if checkpoint
+                else f"{args.dataset_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True, resume="allow" if checkpoint else None)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
+    data = dataset_tensors(dataset, args.reward_tune, device)
+    num_transitions = data["obs"].shape[0]
+    eval_envs = [make_env(dataset, args.seed + 100 + i, os.path.join(run_dir, "videos") if args.capture_video and i == 0
+                          else None)() for i in range(args.eval_episodes)]
+    metadata = dataset.storage.metadata
+    ref_scores = (metadata["ref_min_score"], metadata["ref_max_score"]) if "ref_max_score" in metadata else None
+    obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
+    total_steps = args.pretrain_steps + args.total_timesteps
+    print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
+          f"(lr {args.lr}, alpha {args.alpha}, nll_weight {args.nll_weight}, lr_decay {args.lr_decay}, batch "
+          f"{args.batch_size}, expectile {args.expectile}, reward {args.reward_tune}); {args.pretrain_steps:,} pretraining "
+          f"+ {args.total_timesteps:,} main steps on {device}", flush=True)
+
+    # ALGO LOGIC: initialize agent here (max_action = 1: actions live in [-1, 1], see dataset_tensors / make_env)
+    bc_model = ScoreNetwork(obs_dim, act_dim, args.hidden_dim, args.time_dim).to(device)
+    actor = Actor(obs_dim, act_dim, 1.0, args.hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic_target = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    bc_optimizer = torch.optim.Adam(bc_model.parameters(), lr=args.lr)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
+    actor_params, critic_params, target_params = list(actor.parameters()), list(critic.parameters()), list(critic_target.parameters())
+    optimizers = ((bc_optimizer, args.lr), (actor_optimizer, args.lr), (critic_optimizer, args.critic_lr))
+
+    stateful = {"bc_model": bc_model, "actor": actor, "critic": critic, "critic_target": critic_target,
+                "bc_optimizer": bc_optimizer, "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
+    global_step, eval_history = 0, []
+    if checkpoint:
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        global_step, eval_history = checkpoint["global_step"], checkpoint["eval"]
+        set_rng_states(checkpoint["rng"])
+        print(f"resumed {run_name} at step {global_step:,}")
+
+    def write_summary(wall_seconds: float, sps: float) -> None:
+        returns = [e["mean_return"] for e in eval_history]
+        scores = [e["normalized_score"] for e in eval_history if e.get("normalized_score") is not None]
+        summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
+                   "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
+                   "global_step": global_step, "pretrain_steps": args.pretrain_steps, "kernels": "none (no reverse chain)",
+                   "device": str(device), "preset": task, "best_normalized_score": max(scores) if scores else None,
+                   "last_normalized_score": scores[-1] if scores else None}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    def run_evaluation() -> None:
+        policy = lambda obs: select_actions(actor, critic_target, obs, args.eval_candidates, args.eval_deterministic)  # noqa: E731
+        returns = evaluate(eval_envs, policy, args.seed + 100, device)
+        entry = {"step": global_step, "mean_return": float(returns.mean()), "std_return": float(returns.std())}
+        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+        writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
+        text = f"eval  step {global_step:>10,} | return {returns.mean():10.2f} +- {returns.std():.2f}"
+        if ref_scores:  # x100 of the official get_normalized_score(mean return); std over episodes
+            scores = 100 * (returns - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
+            entry.update(normalized_score=float(scores.mean()), normalized_score_std=float(scores.std()))
+            writer.add_scalar("eval/normalized_score", scores.mean(), global_step)
+            text += f" | normalized {scores.mean():6.1f} +- {scores.std():.1f}"
+        eval_history.append(entry)
+        print(f"{text} ({len(returns)} episodes)", flush=True)
+
+    def checkpoint_state() -> dict:
+        return {**{k: m.state_dict() for k, m in stateful.items()}, "args": {**asdict(args), "resume": None},
+                "run_name": run_name, "global_step": global_step, "eval": eval_history, "rng": rng_states(),
+                "wall_seconds": prior_wall + time.time() - start_time}
+
+    def critic_update(s, a, r, s_next, not_dones) -> None:
+        loss, v_loss, q1_loss, q2_loss, q1, q2 = critic_loss(critic, s, a, r, s_next, not_dones, args.gamma, args.expectile)
+        critic_optimizer.zero_grad()
+        loss.backward()
+        critic_optimizer.step()
+        losses.update(value_loss=v_loss.detach(), qf1_loss=q1_loss.detach(), qf2_loss=q2_loss.detach(),
+                      qf1_values=q1.detach().mean(), qf2_values=q2.detach().mean())
+
+    def bc_update(s, a) -> None:
+        sigma = sample_sigma(s.shape[0], args.sigma_data, args.sigma_min, args.sigma_max, device)
+        loss = edm_loss(bc_model, a, s, sigma, torch.randn_like(a), args.sigma_data, 1.0)
+        bc_optimizer.zero_grad()
+        loss.backward()
+        bc_optimizer.step()
+        losses["bc_loss"] = loss.detach()
+
+    start_time, start_step = time.time(), global_step
+    prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
+    losses = {}
+
+    while global_step < total_steps:
+        # ALGO LOGIC: training. Pretraining (official `pretrain`): BC diffusion, then critic, no lr schedule, no target
+        # update. Main loop (official `train`): critic, BC diffusion, one-step policy, target critic, cosine lr.
+        pretraining = global_step < args.pretrain_steps
+        if not pretraining and args.lr_decay:
+            for opt, base in optimizers:
+                opt.param_groups[0]["lr"] = base * cosine_factor(global_step - args.pretrain_steps, args.total_timesteps)
+        idx = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # uniform, with replacement
+        b_obs, b_next_obs, b_actions = data["obs"][idx], data["next_obs"][idx], data["actions"][idx]
+        b_rewards, b_not_dones = data["rewards"][idx], data["not_dones"][idx]
+
+        if pretraining:
+            bc_update(b_obs, b_actions)
+            critic_update(b_obs, b_actions, b_rewards, b_next_obs, b_not_dones)
+        else:
+            critic_update(b_obs, b_actions, b_rewards, b_next_obs, b_not_dones)
+            bc_update(b_obs, b_actions)
+            actor_loss, tr_loss, ql_loss, nll_loss = policy_loss(actor, bc_model, critic, b_obs, b_actions, args.alpha,
+                                                                 args.nll_weight, args.sigma_data, args.sigma_min,
+                                                                 args.sigma_max)
+            actor_optimizer.zero_grad()
+            actor_loss.backward(inputs=actor_params)  # BC model and critic get no .grad (official: computed, discarded)
+            actor_optimizer.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(target_params, critic_params, args.tau)
+            losses.update(actor_loss=actor_loss.detach(), trust_region_loss=tr_loss.detach(), ql_loss=ql_loss.detach(),
+                          nll_loss=nll_loss.detach())
+        global_step += 1
+
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals
+        if global_step % args.log_frequency == 0:
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            values = {k: v.item() for k, v in losses.items()}
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/alpha", args.alpha, global_step)
+            for k, v in values.items():
+                writer.add_scalar(f"losses/{k}", v, global_step)
+            writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            last = eval_history[-1]["mean_return"] if eval_history else float("nan")
+            text = f" | actor_loss {values['actor_loss']:.4g}" if "actor_loss" in values else ""
+            print(f"step {global_step:>10,} | {'pretrain' if pretraining else 'main':8} | SPS {sps:>5} | eval {last:10.2f} | "
+                  f"qf1_loss {values['qf1_loss']:.4g} | bc_loss {values['bc_loss']:.4g}{text}", flush=True)
+        main_steps = global_step - args.pretrain_steps
+        if main_steps > 0 and (main_steps % args.eval_frequency == 0 or global_step >= total_steps):
+            run_evaluation()
+            write_summary(prior_wall + time.time() - start_time, (global_step - start_step) / (time.time() - start_time))
+        if args.save_model and (global_step % args.checkpoint_frequency == 0 or global_step >= total_steps):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
+
+    wall = time.time() - start_time
+    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    final = eval_history[-1] if eval_history else {}
+    print(f"done: {global_step:,} gradient steps in {wall:.0f} s; final eval return {final.get('mean_return', float('nan')):.2f}"
+          + (f", normalized {final['normalized_score']:.1f}" if "normalized_score" in final else "")
+          + f"; summary in {os.path.join(run_dir, 'summary.json')}")
+    for env in eval_envs:
+        env.close()
+    writer.close()
