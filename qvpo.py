@@ -2,20 +2,20 @@
 """Q-weighted Variational Policy Optimization (QVPO) for diffusion policies, in one file.
 
 Paper: Ding, Hu, Zhang, Ren, Zhang, Yu, Wang and Shi, "Diffusion-based Reinforcement Learning via Q-weighted
-Variational Policy Optimization" (NeurIPS 2024; arXiv 2405.16173). Official PyTorch code: wadx2019/qvpo @ 40a1974 (`agent/qvpo.py`,
-run as `main.py --weighted --aug`); its defaults are the defaults here.
+Variational Policy Optimization" (NeurIPS 2024; arXiv 2405.16173). Official PyTorch code: wadx2019/qvpo @ 40a1974
+(`agent/qvpo.py`, run as `main.py --weighted --aug`); its defaults are the defaults here.
 
 Deviations from the official code (each deliberate; README.md#qvpo explains them):
 1. Gymnasium 1.x MuJoCo v5 envs (the official code ran gym 0.21 `*-v3`).
 2. Time-limit truncations bootstrap: only `terminated` cuts the TD target. The official gym-0.21 loop sets
    mask = 0 on every `done`, which includes the 1000-step TimeLimit, i.e. it treats truncation as terminal.
-3. The entropy weight omega is evaluated at the current env step (official: at the previous one, set after train()).
-4. The time embedding is computed once per chain for t = 0..T-1 ([T, E]) and the first denoiser layer is split so
+3. The time embedding is computed once per chain for t = 0..T-1 ([T, E]) and the first denoiser layer is split so
    the state projection is computed once per reverse chain; both give the official outputs.
-5. `chosen` (keep the top-k of the 64 samples) is fixed at the official default 1; the DIPO-only action-gradient
+4. `chosen` (keep the top-k of the 64 samples) is fixed at the official default 1; the DIPO-only action-gradient
    mode (no --aug) and the `--epsilon` uniform-exploration branch (off by default) are not carried over.
 Kept as in the official code: the 10k random warm-up is counted in `total_timesteps`, rewards are raw, the critic and
-the actor draw different replay batches, and the actor's samples are scored by the just-updated critic.
+the actor draw different replay batches, the actor's samples are scored by the just-updated critic, and omega is
+the schedule at the steps taken before the current one (the official first update uses 0.02 instead of 0.0198).
 """
 
 import json
@@ -258,7 +258,8 @@ class Denoiser(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, time_dim: int, diffusion_steps: int):
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.time_mlp = nn.Sequential(normal_linear(time_dim, hidden_dim), nn.Mish(), normal_linear(hidden_dim, time_dim))
+        self.time_mlp = nn.Sequential(normal_linear(time_dim, hidden_dim), nn.Mish(),
+                                      normal_linear(hidden_dim, time_dim))  # 32 -> 256 -> 32
         self.net = mlp(act_dim + time_dim + obs_dim, hidden_dim, act_dim)
         self.register_buffer("time_features", sinusoidal_embedding(torch.arange(diffusion_steps), time_dim))  # [T, E]
 
@@ -372,6 +373,16 @@ def q_weights(q: torch.Tensor, transform: str, running_mean: torch.Tensor | floa
 def entropy_weight(step: int, total_steps: int, initial: float, final: float) -> float:
     """omega: linear decay initial -> final over total_steps, floored at final (official `main.py` L193)."""
     return min(initial, max(final, initial - initial * step / total_steps))
+
+
+def actor_rows(obs: torch.Tensor, best_actions: torch.Tensor, weights: torch.Tensor, omega: float,
+               num_uniform: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of the actor loss: the B kept samples with weight w(s), then num_uniform blocks of B uniform actions
+    in [-1, 1]^A with weight omega * w(s). obs [B, S], best_actions [B, A], weights [B] -> obs [(1 + N_e) B, S],
+    actions [(1 + N_e) B, A], weights [(1 + N_e) B]; row j*B + b belongs to state b (the official layout)."""
+    uniform = 2.0 * torch.rand(num_uniform * len(obs), best_actions.shape[1], device=obs.device) - 1.0
+    return (obs.repeat(1 + num_uniform, 1), torch.cat([best_actions, uniform]),
+            torch.cat([weights, omega * weights.repeat(num_uniform)]))
 
 
 def q_weighted_loss(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -591,13 +602,11 @@ if __name__ == "__main__":
             # omega * w(s) (the entropy term); one denoising loss over all (1 + num_uniform) * B rows.
             p_obs = rb.sample(args.batch_size)[0]  # [B, S]
             with torch.no_grad():
-                best_actions, q = sample_actions(actor, qf1, qf2, schedule, p_obs, args.train_samples, backend)  # [B, A], [B, K]
+                # best_actions [B, A]; q [B, K]: min-Q of all K = train_samples candidates
+                best_actions, q = sample_actions(actor, qf1, qf2, schedule, p_obs, args.train_samples, backend)
                 q_stats.lerp_(torch.stack([q.mean(), q.std()]), 0.001)  # official running_q_mean / running_q_std
                 weights = q_weights(q, args.q_transform, q_stats[0], q_stats[1])  # [B]
-                x0 = torch.cat([best_actions, 2.0 * torch.rand(args.num_uniform * args.batch_size, act_dim,
-                                                               device=device) - 1.0])  # [(1 + N_e) B, A]
-                rows_obs = p_obs.repeat(1 + args.num_uniform, 1)  # row j*B + b holds state b
-                rows_w = torch.cat([weights, alpha * weights.repeat(args.num_uniform)])
+                rows_obs, x0, rows_w = actor_rows(p_obs, best_actions, weights, alpha, args.num_uniform)
                 t = torch.randint(0, schedule.T, (len(x0),), device=device)
                 eps = torch.randn_like(x0)
                 x_t = schedule.q_sample(x0, t, eps)
