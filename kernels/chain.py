@@ -1,0 +1,512 @@
+"""Fused DDPM reverse chain in Triton: one launch runs all T denoising steps of the 4-layer Mish MLP for a row block.
+
+Layout follows the Triton tutorials: kernels (`_chain_fwd_kernel`, `_chain_bwd_kernel`) -> launch helpers ->
+`torch.autograd.Function` -> the public `reverse_chain` (the API of CONVENTIONS.md).
+
+Algebra (kernels.md §3.2). With W1 split by input block, layer 1 of step t is
+    z1 = x_t @ W1x^T + (state @ W1s^T) + (temb[t] @ W1t^T + b1)
+The state projection sp = state @ W1s^T is computed once per row block before the step loop (inside the kernel);
+the time-bias table tb[t] = temb[t] @ W1t^T + b1 ([T, H]) is computed once per call with ordinary PyTorch ops,
+so autograd carries its gradient to temb, W1t and b1. Per step the kernel then runs a K = A_PAD dot for layer 1,
+two H x H dots, and an N = A_PAD dot for layer 4.
+
+Tiling. A whole H x H fp32 weight (256 KiB for H = 256) does not fit in one SM's shared memory, so every layer is
+computed in BN-wide column chunks: chunk n of z = h[BM, H] @ W^T[H, n*BN:(n+1)*BN]; mish(z) of each chunk is written
+to a per-program scratch row block in global memory (L1/L2 resident), and after a CTA barrier the next layer reads
+the full [BM, H] activation back as its A operand. Two scratch buffers alternate between layers.
+
+Precision. Dot operands are in the weights' dtype (fp32, fp16, bf16 on GPU, fp64 for gradcheck); accumulation,
+biases, the state projection and all DDPM arithmetic are fp32 (fp64 when the weights are fp64). fp32 dots use IEEE
+fp32 unless `torch.backends.cuda.matmul.allow_tf32` is set, mirroring what PyTorch's own matmul does.
+
+Backward (kernels.md §5.2). The training-mode forward stores x_t ([T, N, A]) and the three pre-activations z1..z3
+([3, T, N, H]) to a workspace. `_chain_bwd_kernel` is row-parallel and walks t = 0 -> T-1 (the reverse of sampling):
+it recomputes eps from z3, applies the DDPM step's Jacobian (clip mask included; noise has no gradient), pushes the
+gradient through the four layers with W^T tiles and mish'(z), writes the per-layer deltas d1..d4 to the workspace and
+accumulates dL/d(sp). Weight and bias gradients are then plain GEMMs / sums over the T*N rows in PyTorch (cuBLAS on a
+GPU): deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import ORDERS, ddpm_coefficients
+
+# Coefficient table rows (coef tensor [6, T]).
+_SRA, _SRM1, _C1, _C2, _STD = range(5)
+
+
+@triton.jit
+def _mish(z):
+    # mish(z) = z * tanh(softplus(z)); with n = e^z, tanh(log(1 + n)) = n(n + 2) / (n(n + 2) + 2).
+    # tl.exp only (no libdevice tanh/log1p: the interpreter cannot run libdevice). For z > 20 mish(z) = z in fp32,
+    # which is also where PyTorch's softplus switches to the identity; clamping the exponent avoids inf/inf.
+    n = tl.exp(tl.minimum(z, 20.0))
+    w = n * (n + 2.0)
+    return tl.where(z > 20.0, z, z * w / (w + 2.0))
+
+
+@triton.jit
+def _mish_grad(z):
+    # d/dz mish = tanh(sp) + z * sech^2(sp) * sigmoid(z), sp = softplus(z). With w = n(n + 2), d = w + 2:
+    # tanh(sp) = w / d, sech^2(sp) = 1 - (w/d)^2 = 4 (w + 1) / d^2, sigmoid(z) = n / (1 + n).
+    n = tl.exp(tl.minimum(z, 20.0))
+    w = n * (n + 2.0)
+    d = w + 2.0
+    g = w / d + z * (4.0 * (w + 1.0) / (d * d)) * (n / (1.0 + n))
+    return tl.where(z > 20.0, 1.0, g)
+
+
+@triton.jit
+def _chain_fwd_kernel(
+    state_ptr, st_s0, st_s1,  # [N, S] any float dtype, any strides
+    x_ptr, x_s0, x_s1,  # [N, A] x_T
+    noise_ptr, nz_s0, nz_s1, nz_s2,  # [T, N, A] (unused when NOISE_FROM_PTR is False)
+    seed_ptr,  # int64 [1] (unused when NOISE_FROM_PTR is True)
+    tb_ptr,  # [T, H] contiguous, ACC dtype: temb[t] @ W1t^T + b1
+    w1s_ptr, w1s_s0, w1s_s1,  # [H, S] view of W1
+    w1x_ptr, w1x_s0, w1x_s1,  # [H, A] view of W1
+    w2_ptr, w2_s0, w2_s1, b2_ptr,  # [H, H], [H]
+    w3_ptr, w3_s0, w3_s1, b3_ptr,  # [H, H], [H]
+    w4_ptr, w4_s0, w4_s1, b4_ptr,  # [A, H], [A]
+    coef_ptr,  # [6, T] contiguous, ACC dtype
+    out_ptr, out_s0, out_s1,  # [N, A] result
+    hs_ptr,  # [2, G*BM, H] DT scratch for the layer activations (G = number of programs)
+    sp_ptr,  # [G*BM, H] ACC scratch for the state projection
+    wsx_ptr,  # [T, N, A] ACC workspace: x_t entering step t (TRAINING only)
+    wsz_ptr,  # [3, T, N, H] ACC workspace: pre-activations z1..z3 (TRAINING only)
+    N, S, A, T, clip_val,
+    H: tl.constexpr, A_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_CLIP: tl.constexpr, FINAL_NOISE: tl.constexpr, NOISE_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr,
+    ACC_FP64: tl.constexpr, PREC: tl.constexpr,
+):
+    DT = w2_ptr.dtype.element_ty
+    ACC = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0)
+    GBM = tl.num_programs(0) * BM
+    rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)  # [BM] global rows; scratch rows are the same indices
+    rmask = rows < N
+    cols_n = tl.arange(0, BN)
+    cols_h = tl.arange(0, H)
+    cols_a = tl.arange(0, A_PAD)
+    amask = cols_a < A
+    xa_mask = rmask[:, None] & amask[None, :]
+
+    # ---- state projection sp = state @ W1s^T, once per row block (K-chunked over S, N-chunked over H) ----
+    for n0 in tl.static_range(0, H, BN):
+        cn = n0 + cols_n
+        acc = tl.zeros((BM, BN), dtype=ACC)
+        for k0 in range(0, S, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < S
+            s = tl.load(state_ptr + rows[:, None] * st_s0 + ks[None, :] * st_s1,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w1s_ptr + cn[None, :] * w1s_s0 + ks[:, None] * w1s_s1, mask=kmask[:, None], other=0.0)
+            acc += tl.dot(s.to(DT), w, input_precision=PREC, out_dtype=ACC)
+        tl.store(sp_ptr + rows[:, None] * H + cn[None, :], acc)
+
+    x = tl.load(x_ptr + rows[:, None] * x_s0 + cols_a[None, :] * x_s1, mask=xa_mask, other=0.0).to(ACC)
+    if not NOISE_FROM_PTR:
+        seed = tl.load(seed_ptr)
+    buf0 = hs_ptr + rows[:, None] * H
+    buf1 = hs_ptr + GBM * H + rows[:, None] * H
+    # Layer-1/4 weights are tiny ([H, A_PAD]): loaded once, outside the step loop.
+    w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
+    b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
+    tl.debug_barrier()  # sp scratch visible to every thread of the CTA
+
+    for i in range(T):
+        t = T - 1 - i
+        # ---- layer 1: z1 = x W1x^T + sp + tb[t] -> mish -> buf0 ----
+        xd = x.to(DT)
+        for n0 in tl.static_range(0, H, BN):
+            cn = n0 + cols_n
+            w = tl.load(w1x_ptr + cn[None, :] * w1x_s0 + cols_a[:, None] * w1x_s1, mask=amask[:, None], other=0.0)
+            z = tl.dot(xd, w, input_precision=PREC, out_dtype=ACC)
+            z += tl.load(sp_ptr + rows[:, None] * H + cn[None, :])
+            z += tl.load(tb_ptr + t * H + cn)[None, :]
+            if TRAINING:
+                tl.store(wsz_ptr + ((0 * T + t) * N + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
+            tl.store(buf0 + cn[None, :], _mish(z).to(DT))
+        tl.debug_barrier()
+        h = tl.load(buf0 + cols_h[None, :])
+        # ---- layer 2 -> buf1 ----
+        for n0 in tl.static_range(0, H, BN):
+            cn = n0 + cols_n
+            w = tl.load(w2_ptr + cn[None, :] * w2_s0 + cols_h[:, None] * w2_s1)  # [H, BN] = W2^T chunk
+            z = tl.dot(h, w, input_precision=PREC, out_dtype=ACC) + tl.load(b2_ptr + cn).to(ACC)[None, :]
+            if TRAINING:
+                tl.store(wsz_ptr + ((1 * T + t) * N + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
+            tl.store(buf1 + cn[None, :], _mish(z).to(DT))
+        tl.debug_barrier()
+        h = tl.load(buf1 + cols_h[None, :])
+        # ---- layer 3 -> buf0 ----
+        for n0 in tl.static_range(0, H, BN):
+            cn = n0 + cols_n
+            w = tl.load(w3_ptr + cn[None, :] * w3_s0 + cols_h[:, None] * w3_s1)
+            z = tl.dot(h, w, input_precision=PREC, out_dtype=ACC) + tl.load(b3_ptr + cn).to(ACC)[None, :]
+            if TRAINING:
+                tl.store(wsz_ptr + ((2 * T + t) * N + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
+            tl.store(buf0 + cn[None, :], _mish(z).to(DT))
+        tl.debug_barrier()
+        h = tl.load(buf0 + cols_h[None, :])
+        # ---- layer 4: eps [BM, A_PAD]; pad columns are exactly 0 (masked W4 rows and b4) ----
+        eps = tl.dot(h, w4, input_precision=PREC, out_dtype=ACC) + b4[None, :]
+        tl.debug_barrier()  # buf0 is rewritten by the next step's layer 1
+
+        # ---- DDPM posterior step in ACC precision ----
+        sra = tl.load(coef_ptr + 0 * T + t)
+        srm1 = tl.load(coef_ptr + 1 * T + t)
+        c1 = tl.load(coef_ptr + 2 * T + t)
+        c2 = tl.load(coef_ptr + 3 * T + t)
+        std = tl.load(coef_ptr + 4 * T + t)
+        if TRAINING:
+            tl.store(wsx_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], x, mask=xa_mask)
+        x0 = sra * x - srm1 * eps
+        if HAS_CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -clip_val), clip_val)
+        xn = c1 * x0 + c2 * x
+        if FINAL_NOISE:
+            nmask = xa_mask
+        else:
+            nmask = xa_mask & ((rows * 0 + t) > 0)[:, None]  # tensor compare: t may be a Python int
+        if NOISE_FROM_PTR:
+            # masked: noise[0] is never read without final noise, so it may hold anything (even NaN)
+            zn = tl.load(noise_ptr + t * nz_s0 + rows[:, None] * nz_s1 + cols_a[None, :] * nz_s2,
+                         mask=nmask, other=0.0).to(ACC)
+        else:
+            # Philox keyed by the device-resident seed; offsets are logical (t, row, col) indices, so the stream
+            # does not depend on the block size or the grid.
+            offs = (t * N + rows[:, None]) * A + cols_a[None, :]
+            zn = tl.where(nmask, tl.randn(seed, offs), 0.0).to(ACC)
+        x = xn + std * zn
+
+    tl.store(out_ptr + rows[:, None] * out_s0 + cols_a[None, :] * out_s1, x.to(out_ptr.dtype.element_ty),
+             mask=xa_mask)
+
+
+@triton.jit
+def _chain_bwd_kernel(
+    gout_ptr, go_s0, go_s1,  # [N, A] dL/dx_out
+    w1x_ptr, w1x_s0, w1x_s1,
+    w2_ptr, w2_s0, w2_s1,
+    w3_ptr, w3_s0, w3_s1,
+    w4_ptr, w4_s0, w4_s1, b4_ptr,
+    coef_ptr,
+    wsx_ptr,  # [T, N, A] x_t
+    wsz_ptr,  # [3, T, N, H] z1..z3
+    wsd_ptr,  # [3, T, N, H] out: d1..d3 = dL/dz1..z3
+    wsd4_ptr,  # [T, N, A] out: d4 = dL/d eps
+    dsp_ptr,  # [N, H] out: sum_t d1 = dL/d sp (zero-initialised)
+    dx_ptr,  # [N, A] out: dL/dx_T
+    N, A, T, clip_val,
+    H: tl.constexpr, A_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr, PREC: tl.constexpr,
+):
+    DT = w2_ptr.dtype.element_ty
+    ACC = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0)
+    rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < N
+    cols_n = tl.arange(0, BN)
+    cols_h = tl.arange(0, H)
+    cols_a = tl.arange(0, A_PAD)
+    amask = cols_a < A
+    xa_mask = rmask[:, None] & amask[None, :]
+
+    g = tl.load(gout_ptr + rows[:, None] * go_s0 + cols_a[None, :] * go_s1, mask=xa_mask, other=0.0).to(ACC)
+    w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
+    b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
+    w1x = tl.load(w1x_ptr + cols_h[:, None] * w1x_s0 + cols_a[None, :] * w1x_s1, mask=amask[None, :], other=0.0)
+
+    for t in range(T):  # sampling ran t = T-1 .. 0, so the gradient flows t = 0 .. T-1
+        zrow = (t * N + rows[:, None]) * H  # row offset inside one [T, N, H] slab
+        slab = T * N * H
+        xin = tl.load(wsx_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], mask=xa_mask, other=0.0)
+        sra = tl.load(coef_ptr + 0 * T + t)
+        srm1 = tl.load(coef_ptr + 1 * T + t)
+        c1 = tl.load(coef_ptr + 2 * T + t)
+        c2 = tl.load(coef_ptr + 3 * T + t)
+        # x_out = c1 * clip(sra x - srm1 eps) + c2 x + std z  =>  g_x0 = c1 g * 1[|x0| <= clip]
+        gx0 = c1 * g
+        if HAS_CLIP:
+            z3 = tl.load(wsz_ptr + 2 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0)
+            eps = tl.dot(_mish(z3).to(DT), w4, input_precision=PREC, out_dtype=ACC) + b4[None, :]
+            x0 = sra * xin - srm1 * eps
+            gx0 = tl.where((x0 >= -clip_val) & (x0 <= clip_val), gx0, 0.0)
+        gx = c2 * g + sra * gx0
+        d4 = -srm1 * gx0  # dL/d eps, [BM, A_PAD], zero in pad columns
+        tl.store(wsd4_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], d4, mask=xa_mask)
+        # ---- layer 4 -> d3 = (d4 @ W4) * mish'(z3) ----
+        d4d = d4.to(DT)
+        for n0 in tl.static_range(0, H, BN):
+            cn = n0 + cols_n
+            w = tl.load(w4_ptr + cols_a[:, None] * w4_s0 + cn[None, :] * w4_s1, mask=amask[:, None], other=0.0)
+            z = tl.load(wsz_ptr + 2 * slab + zrow + cn[None, :], mask=rmask[:, None], other=0.0)
+            d = tl.dot(d4d, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
+            tl.store(wsd_ptr + 2 * slab + zrow + cn[None, :], d, mask=rmask[:, None])
+        tl.debug_barrier()
+        dfull = tl.load(wsd_ptr + 2 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
+        # ---- layer 3 -> d2 = (d3 @ W3) * mish'(z2) ----
+        for n0 in tl.static_range(0, H, BN):
+            cn = n0 + cols_n
+            w = tl.load(w3_ptr + cols_h[:, None] * w3_s0 + cn[None, :] * w3_s1)  # [H_out, BN]
+            z = tl.load(wsz_ptr + 1 * slab + zrow + cn[None, :], mask=rmask[:, None], other=0.0)
+            d = tl.dot(dfull, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
+            tl.store(wsd_ptr + 1 * slab + zrow + cn[None, :], d, mask=rmask[:, None])
+        tl.debug_barrier()
+        dfull = tl.load(wsd_ptr + 1 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
+        # ---- layer 2 -> d1 = (d2 @ W2) * mish'(z1); dL/dsp += d1 ----
+        for n0 in tl.static_range(0, H, BN):
+            cn = n0 + cols_n
+            w = tl.load(w2_ptr + cols_h[:, None] * w2_s0 + cn[None, :] * w2_s1)
+            z = tl.load(wsz_ptr + zrow + cn[None, :], mask=rmask[:, None], other=0.0)
+            d = tl.dot(dfull, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
+            tl.store(wsd_ptr + zrow + cn[None, :], d, mask=rmask[:, None])
+            sp_ptrs = dsp_ptr + rows[:, None] * H + cn[None, :]
+            tl.store(sp_ptrs, tl.load(sp_ptrs, mask=rmask[:, None], other=0.0) + d, mask=rmask[:, None])
+        tl.debug_barrier()
+        dfull = tl.load(wsd_ptr + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
+        # ---- layer 1 -> dL/dx_t += d1 @ W1x ----
+        gx += tl.dot(dfull, w1x, input_precision=PREC, out_dtype=ACC)
+        g = gx
+
+    tl.store(dx_ptr + rows[:, None] * A + cols_a[None, :], g, mask=xa_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _config(N: int, H: int, dtype: torch.dtype) -> dict:
+    """Block sizes. BN keeps one [H, BN] weight chunk well inside shared memory (H=512 fp32: 64 KiB)."""
+    bm = 16 if N <= 4096 else 32
+    bn = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
+    bn = min(bn, H)
+    return {"BM": bm, "BN": bn, "BK": 32, "num_warps": 4}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def _coef_table(betas: torch.Tensor, final_noise: bool, device, acc_dtype) -> torch.Tensor:
+    c = ddpm_coefficients(betas.detach().to(device))
+    std = c["post_std"].clone()
+    if not final_noise:
+        std[0] = 0.0  # the kernel also masks the noise load at t = 0; this keeps 0 * anything out of the sum
+    return torch.stack([c["sqrt_recip_ac"], c["sqrt_recipm1_ac"], c["c1"], c["c2"], std,
+                        torch.zeros_like(std)]).to(acc_dtype).contiguous()
+
+
+class _Problem:
+    """Everything both kernels need, validated once per call."""
+
+    def __init__(self, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise):
+        self.N, self.S = state.shape
+        self.A = x.shape[1]
+        self.T, self.H = tb.shape
+        self.dtype = w2.dtype
+        self.acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.A_PAD = max(16, _next_pow2(self.A))  # >= 16: the K of layer 1 and N of layer 4 (GPU dot minimum)
+        cfg = _config(self.N, self.H, self.dtype)
+        self.BM, self.BN, self.BK, self.num_warps = cfg["BM"], cfg["BN"], cfg["BK"], cfg["num_warps"]
+        assert self.A_PAD >= 16 and self.BK >= 16 and self.BN >= 16 and self.BM >= 16, "GPU tl.dot needs K >= 16"
+        self.grid = (triton.cdiv(self.N, self.BM),)
+        self.tensors = (state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed)
+        self.clip = clip
+        self.final_noise = final_noise
+        self.prec = _precision(self.dtype)
+
+
+def _forward(p: _Problem, training: bool):
+    state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed = p.tensors
+    dev = x.device
+    gbm = p.grid[0] * p.BM
+    out = torch.empty(p.N, p.A, device=dev, dtype=x.dtype)
+    hs = torch.empty(2, gbm, p.H, device=dev, dtype=p.dtype)
+    sp = torch.empty(gbm, p.H, device=dev, dtype=p.acc)
+    if training:
+        wsx = torch.empty(p.T, p.N, p.A, device=dev, dtype=p.acc)
+        wsz = torch.empty(3, p.T, p.N, p.H, device=dev, dtype=p.acc)
+    else:
+        wsx = wsz = sp  # never touched (TRAINING is a constexpr)
+    from_ptr = noise is not None
+    nz = noise if from_ptr else x
+    nz_strides = noise.stride() if from_ptr else (0, 0, 0)
+    sd = seed if seed is not None else coef
+    _chain_fwd_kernel[p.grid](
+        state, state.stride(0), state.stride(1),
+        x, x.stride(0), x.stride(1),
+        nz, *nz_strides,
+        sd,
+        tb,
+        w1s, w1s.stride(0), w1s.stride(1),
+        w1x, w1x.stride(0), w1x.stride(1),
+        w2, w2.stride(0), w2.stride(1), b2,
+        w3, w3.stride(0), w3.stride(1), b3,
+        w4, w4.stride(0), w4.stride(1), b4,
+        coef,
+        out, out.stride(0), out.stride(1),
+        hs, sp, wsx, wsz,
+        p.N, p.S, p.A, p.T, float(p.clip if p.clip is not None else 0.0),
+        H=p.H, A_PAD=p.A_PAD, BM=p.BM, BN=p.BN, BK=p.BK,
+        HAS_CLIP=p.clip is not None, FINAL_NOISE=bool(p.final_noise), NOISE_FROM_PTR=from_ptr, TRAINING=training,
+        ACC_FP64=p.acc == torch.float64, PREC=p.prec, num_warps=p.num_warps,
+    )
+    return out, ((wsx, wsz) if training else None)
+
+
+def _backward(p: _Problem, gout: torch.Tensor, wsx: torch.Tensor, wsz: torch.Tensor):
+    state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed = p.tensors
+    dev = x.device
+    wsd = torch.empty_like(wsz)
+    wsd4 = torch.empty(p.T, p.N, p.A, device=dev, dtype=p.acc)
+    dsp = torch.zeros(p.N, p.H, device=dev, dtype=p.acc)
+    dx = torch.empty(p.N, p.A, device=dev, dtype=p.acc)
+    _chain_bwd_kernel[p.grid](
+        gout, gout.stride(0), gout.stride(1),
+        w1x, w1x.stride(0), w1x.stride(1),
+        w2, w2.stride(0), w2.stride(1),
+        w3, w3.stride(0), w3.stride(1),
+        w4, w4.stride(0), w4.stride(1), b4,
+        coef, wsx, wsz, wsd, wsd4, dsp, dx,
+        p.N, p.A, p.T, float(p.clip if p.clip is not None else 0.0),
+        H=p.H, A_PAD=p.A_PAD, BM=p.BM, BN=p.BN,
+        HAS_CLIP=p.clip is not None, ACC_FP64=p.acc == torch.float64, PREC=p.prec, num_warps=p.num_warps,
+    )
+    return wsd, wsd4, dsp, dx
+
+
+class _ReverseChainFn(torch.autograd.Function):
+    """Differentiable fused chain. Inputs after `meta`: state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4 (the
+    differentiable ones), then coef, noise, seed. W1s/W1x are views of W1 and tb is built from W1t, b1 and temb in
+    PyTorch, so autograd assembles dW1, db1 and dtemb from the gradients returned here."""
+
+    @staticmethod
+    def forward(ctx, meta, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed):
+        clip, final_noise = meta
+        p = _Problem(state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise)
+        out, (wsx, wsz) = _forward(p, training=True)
+        ctx.problem = p
+        ctx.save_for_backward(wsx, wsz)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        p: _Problem = ctx.problem
+        wsx, wsz = ctx.saved_tensors
+        state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed = p.tensors
+        wsd, wsd4, dsp, dx = _backward(p, gout.contiguous(), wsx, wsz)
+        acc, H, A, S = p.acc, p.H, p.A, p.S
+        need = ctx.needs_input_grad  # (meta, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, ...)
+        # Weight gradients: one GEMM per layer over the T*N rows (deterministic; cuBLAS on a GPU).
+        d1, d2, d3 = (wsd[i].reshape(-1, H) for i in range(3))
+        d4 = wsd4.reshape(-1, A)
+        g = [None] * 14
+        if need[1]:
+            g[1] = (dsp @ w1s.to(acc)).to(state.dtype)
+        if need[2]:
+            g[2] = dx.to(x.dtype)
+        if need[3]:
+            g[3] = wsd[0].sum(1).to(tb.dtype)  # [T, H]: tb[t] is broadcast over the N rows of step t
+        if need[4]:
+            g[4] = (dsp.t() @ state.to(acc)).to(w1s.dtype)
+        if need[5]:
+            g[5] = (d1.t() @ wsx.reshape(-1, A)).to(w1x.dtype)
+        if need[6] or need[7]:
+            g[6] = (d2.t() @ torch.nn.functional.mish(wsz[0].reshape(-1, H))).to(w2.dtype)
+            g[7] = d2.sum(0).to(b2.dtype)
+        if need[8] or need[9]:
+            g[8] = (d3.t() @ torch.nn.functional.mish(wsz[1].reshape(-1, H))).to(w3.dtype)
+            g[9] = d3.sum(0).to(b3.dtype)
+        if need[10] or need[11]:
+            g[10] = (d4.t() @ torch.nn.functional.mish(wsz[2].reshape(-1, H))).to(w4.dtype)
+            g[11] = d4.sum(0).to(b4.dtype)
+        return tuple(g) + (None,)  # meta .. seed: 15 inputs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------------
+def _fail(msg: str):
+    raise ValueError(f"kernels.reverse_chain: {msg}")
+
+
+def reverse_chain(layers, state, x, temb, betas, order, noise=None, seed=None, clip=1.0, final_noise=False):
+    """Runs the T-step DDPM reverse chain t = T-1 .. 0 of a 4-layer Mish MLP denoiser in one fused Triton launch.
+
+    layers: 4 x (weight [out, in], bias [out]), in -> H -> H -> H -> A; state [N, S]; x [N, A] = x_T; temb [T, E];
+    betas [T]; order "sxt" (cat[state, x_t, temb]) or "xts" (cat[x_t, temb, state]); noise [T, N, A] or None (then
+    `seed`, an int64 device tensor, drives in-kernel Philox normals); clip: x0-hat clip or None; final_noise: add
+    post_std[0] * noise[0] at the last step. Returns [N, A] (not clipped). Differentiable w.r.t. layers, state, x and
+    temb when any of them requires grad and grad mode is on.
+    """
+    if order not in ORDERS:
+        _fail(f"order must be one of {ORDERS}, got {order!r}")
+    if len(layers) != 4:
+        _fail(f"expected 4 (weight, bias) layers, got {len(layers)}")
+    (W1, b1), (W2, b2), (W3, b3), (W4, b4) = layers
+    if state.dim() != 2 or x.dim() != 2 or temb.dim() != 2 or state.shape[0] != x.shape[0]:
+        _fail(f"shapes: state {tuple(state.shape)} and x {tuple(x.shape)} must be [N, S] and [N, A], "
+              f"temb {tuple(temb.shape)} must be [T, E]")
+    N, S = state.shape
+    A = x.shape[1]
+    T, E = temb.shape
+    H = W1.shape[0]
+    if tuple(W1.shape) != (H, S + A + E) or tuple(W2.shape) != (H, H) or tuple(W3.shape) != (H, H) \
+            or tuple(W4.shape) != (A, H):
+        _fail(f"layer shapes {[tuple(w.shape) for w, _ in layers]} do not fit S={S}, A={A}, E={E}")
+    if H < 16 or H & (H - 1):
+        _fail(f"hidden width must be a power of two >= 16, got {H}")
+    if betas.shape != (T,):
+        _fail(f"betas has shape {tuple(betas.shape)}, expected ({T},) to match temb")
+    dtype = W2.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        _fail(f"unsupported weight dtype {dtype}")
+    if any(t.dtype != dtype for pair in layers for t in pair):
+        _fail("all layer weights and biases must share one dtype")
+    dev = x.device
+    if dev.type == "cpu" and not _interpreting():
+        _fail("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton/kernels")
+    if dtype == torch.bfloat16 and _interpreting():
+        _fail("bf16 is computed wrongly by Triton's interpreter; use fp32/fp16 on CPU, bf16 on a GPU")
+    if noise is None:
+        if seed is None or not torch.is_tensor(seed) or seed.numel() != 1 or seed.dtype != torch.int64:
+            _fail("noise=None needs seed= a one-element int64 tensor on the device")
+        seed = seed.reshape(1).to(dev)
+    else:
+        if tuple(noise.shape) != (T, N, A):
+            _fail(f"noise has shape {tuple(noise.shape)}, expected {(T, N, A)}")
+        noise = noise.detach()
+        seed = None
+    if N == 0:
+        return x.new_zeros(0, A)
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if order == "sxt":
+        W1s, W1x, W1t = W1[:, :S], W1[:, S:S + A], W1[:, S + A:]
+    else:
+        W1x, W1t, W1s = W1[:, :A], W1[:, A:A + E], W1[:, A + E:]
+    # [T, H] time-bias table, in PyTorch so autograd owns its gradient (temb, W1t, b1).
+    tb = torch.addmm(b1.to(acc), temb.to(acc), W1t.to(acc).t()).contiguous()
+    coef = _coef_table(betas, final_noise, dev, acc)
+    args = (state, x, tb, W1s, W1x, W2, b2, W3, b3, W4, b4)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return _ReverseChainFn.apply((clip, final_noise), *args, coef, noise, seed)
+    p = _Problem(*(t.detach() for t in args), coef, noise, seed, clip, final_noise)
+    return _forward(p, training=False)[0]
