@@ -413,10 +413,13 @@ def fit_gmm(x: torch.Tensor, num_components: int, em_iterations: int, kmeans_ite
     batch, n, _ = x.shape
     rows = torch.arange(batch, device=x.device)
     centers = x[rows, torch.randint(0, n, (batch,), device=x.device)][:, None]  # [B, 1, D]
-    for _ in range(num_components - 1):  # k-means++: next center drawn with probability ~ squared distance
-        d2 = torch.cdist(x, centers).pow(2).amin(-1)  # [B, N]
-        pick = torch.multinomial(d2 + 1e-12, 1).squeeze(-1)  # +1e-12: all-equal points (e.g. clipped) stay valid
-        centers = torch.cat([centers, x[rows, pick][:, None]], 1)
+    trials = 2 + int(math.log(num_components))  # greedy k-means++ as in scikit-learn: best of a few draws
+    for _ in range(num_components - 1):
+        d2 = torch.cdist(x, centers).pow(2).amin(-1)  # [B, N] squared distance to the nearest center
+        picks = torch.multinomial(d2 + 1e-12, trials, replacement=True)  # [B, L]; +1e-12 keeps all-equal points valid
+        cand_d2 = torch.minimum(d2[:, None], torch.cdist(x[rows[:, None], picks], x).pow(2))  # [B, L, N]
+        best = picks[rows, cand_d2.sum(-1).argmin(-1)]  # the draw that lowers the k-means potential most
+        centers = torch.cat([centers, x[rows, best][:, None]], 1)
     for _ in range(kmeans_iterations):
         labels = F.one_hot(torch.cdist(x, centers).argmin(-1), num_components).to(x.dtype)  # [B, N, K]
         counts = labels.sum(1)[..., None]  # [B, K, 1]
@@ -607,7 +610,7 @@ if __name__ == "__main__":
     start_time, start_step = time.time(), global_step
     prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
     episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    last_return, losses = float("nan"), {}
+    last_return, losses, last_log = float("nan"), {}, (global_step, start_time)
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed + global_step)
@@ -701,8 +704,9 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals
         if global_step // args.log_frequency > prev_step // args.log_frequency:
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+            now = time.time()
+            writer.add_scalar("charts/SPS", int((global_step - start_step) / (now - start_time)), global_step)
+            sps, last_log = int((global_step - last_log[0]) / (now - last_log[1])), (global_step, now)  # recent SPS
             writer.add_scalar("losses/alpha", alpha.item(), global_step)
             values = {k: v.item() for k, v in losses.items()}
             for k, v in values.items():

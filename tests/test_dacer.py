@@ -1,0 +1,309 @@
+"""Tests for dacer.py: the VP schedule, the DSAC-T critic loss, backprop through the reverse chain, the batched
+Gaussian-mixture entropy, an end-to-end smoke run with resume, a small learning run and the error paths."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dacer
+from helpers import REPO, assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+
+# The machine is small and shared: one intra-op thread avoids oversubscription, which slows these tiny ops 10-100x.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_vp_schedule_values():
+    betas = dacer.vp_beta_schedule(20, 0.1, 10.0)
+    # beta_t = 1 - exp(-0.1/20 - 0.5 * 9.9 * (2t - 1) / 400), computed by hand for t = 1 and t = 20
+    assert betas[0].item() == pytest.approx(1 - math.exp(-0.005 - 0.5 * 9.9 / 400), rel=1e-12)
+    assert betas[-1].item() == pytest.approx(1 - math.exp(-0.005 - 0.5 * 9.9 * 39 / 400), rel=1e-12)
+    # the values the reference sheet lists for the official schedule
+    np.testing.assert_allclose(betas[[0, 1, 2, 18, 19]].numpy(), [0.017, 0.041, 0.065, 0.371, 0.386], atol=6e-4)
+    schedule = dacer.DDPMSchedule(betas, torch.device("cpu"))
+    abar = torch.cumprod(1 - betas, 0)
+    assert abar[-1].item() == pytest.approx(6.4e-3, abs=5e-5)
+    # abar_T has the closed form exp(-b_min - (b_max - b_min) / 2) = exp(-5.05)
+    assert abar[-1].item() == pytest.approx(math.exp(-5.05), rel=1e-9)
+    assert schedule.posterior_std[1].item() == pytest.approx(0.111, abs=5e-4)
+    assert schedule.posterior_std[19].item() == pytest.approx(0.620, abs=5e-4)
+    assert schedule.posterior_std[0].item() < 1e-9  # posterior variance 0 at t = 0 (clamped log, no noise there)
+
+
+def test_dsac_critic_loss_on_hand_checked_batch():
+    q_mean = torch.tensor([1.0, 2.0], requires_grad=True)
+    q_std = torch.tensor([0.5, 1.0], requires_grad=True)
+    y = torch.tensor([1.5, 1.0])
+    y_sample = torch.tensor([10.0, 1.8])
+    # first call: b starts at -1 -> the batch-mean std 0.75; the bound is 3b = 2.25, so sample 1 is clipped to
+    # 1 + 2.25 = 3.25 and sample 2 stays 1.8.
+    #   mean term: 1 * 0.5 / 0.35 = 1.428571...; 2 * (-1) / 1.1 = -1.818181...
+    #   std term:  0.5 * ((1 - 3.25)^2 - 0.25) / (0.125 + 0.1) = 0.5 * 4.8125 / 0.225 = 10.694444...
+    #              1.0 * ((2 - 1.8)^2 - 1) / 1.1 = -0.872727...
+    #   loss = -(0.75^2 + 0.1) * mean(1.428571 + 10.694444, -1.818182 - 0.872727) = -0.6625 * 4.716053
+    loss, b = dacer.dsac_critic_loss(q_mean, q_std, y, y_sample, torch.tensor(-1.0), tau=0.005)
+    expected = -(0.75**2 + 0.1) * ((1 * 0.5 / 0.35 + 0.5 * ((1 - 3.25) ** 2 - 0.25) / 0.225)
+                                   + (2 * -1 / 1.1 + 1.0 * (0.2**2 - 1) / 1.1)) / 2
+    assert b.item() == pytest.approx(0.75)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(-0.6625 * 4.716053, rel=1e-5)
+    loss.backward()
+    # d/d mean_i = -(b^2 + 0.1) / 2 * (y_i - mean_i) / (std_i^2 + 0.1): the targets are stop-gradient
+    np.testing.assert_allclose(q_mean.grad.numpy(), [-0.6625 / 2 * 0.5 / 0.35, -0.6625 / 2 * -1 / 1.1], rtol=1e-5)
+    # d/d std_i = -(b^2 + 0.1) / 2 * ((mean_i - y_b,i)^2 - std_i^2) / (std_i^3 + 0.1)
+    np.testing.assert_allclose(q_std.grad.numpy(), [-0.6625 / 2 * 4.8125 / 0.225, -0.6625 / 2 * -0.96 / 1.1],
+                               rtol=1e-5)
+    # second call: b moves by tau towards the new batch-mean std (1.75 here) and the bound follows it
+    loss2, b2 = dacer.dsac_critic_loss(q_mean, q_std + 1.0, y, y_sample, b, tau=0.005)
+    assert b2.item() == pytest.approx(0.005 * 1.75 + 0.995 * 0.75)
+
+
+def tiny_denoiser(obs_dim=3, act_dim=2, hidden=16, steps=20):
+    torch.manual_seed(0)
+    denoiser = dacer.Denoiser(obs_dim, act_dim, hidden, 16, steps).double()
+    schedule = dacer.DDPMSchedule(dacer.vp_beta_schedule(steps, 0.1, 10.0), torch.device("cpu"))
+    for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                 "posterior_mean_coef2", "posterior_std"):
+        setattr(schedule, name, getattr(schedule, name).double())
+    return denoiser, schedule
+
+
+def test_gradients_reach_first_layer_through_all_steps():
+    denoiser, schedule = tiny_denoiser()
+    n = 256
+    obs = torch.randn(n, 3, dtype=torch.float64)
+    x_T = torch.randn(n, 2, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(20, n, 2, dtype=torch.float64)
+    captured = {}
+
+    def keep_temb(module, inputs, out):  # the [T, E] time embeddings reverse_chain computes once per chain
+        if out.requires_grad:
+            out.retain_grad()
+            captured["temb"] = out
+
+    denoiser.time_mlp.register_forward_hook(keep_temb)
+    out = dacer.reverse_chain(denoiser, schedule, obs, x_T, noise)
+    loss = (out * torch.linspace(-1, 1, n, dtype=torch.float64)[:, None]).sum()
+    loss.backward()
+    # temb[t] enters the first layer only at step t, so a non-zero gradient row t means the gradient reached the
+    # first layer's input at step t; every one of the 20 steps must contribute.
+    temb_grad = captured["temb"].grad  # [T, E]
+    assert temb_grad.shape == (20, 16)
+    assert (temb_grad.abs().sum(-1) > 0).all(), temb_grad.abs().sum(-1)
+    assert x_T.grad.abs().sum() > 0  # and the chain is not cut anywhere between x_T and the action
+    first_layer = denoiser.net[0].weight
+    assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
+    # the autograd gradient of one first-layer weight equals a central finite difference of the whole chain
+    i, j, h = 3, 4, 1e-6
+    with torch.no_grad():
+        first_layer[i, j] += h
+        plus = (dacer.reverse_chain(denoiser, schedule, obs, x_T, noise)
+                * torch.linspace(-1, 1, n, dtype=torch.float64)[:, None]).sum()
+        first_layer[i, j] -= 2 * h
+        minus = (dacer.reverse_chain(denoiser, schedule, obs, x_T, noise)
+                 * torch.linspace(-1, 1, n, dtype=torch.float64)[:, None]).sum()
+        first_layer[i, j] += h
+    assert first_layer.grad[i, j].item() == pytest.approx(((plus - minus) / (2 * h)).item(), rel=1e-4, abs=1e-8)
+
+
+def test_sample_actions_noise_and_clip():
+    denoiser, schedule = tiny_denoiser()
+    denoiser.float()
+    schedule = dacer.DDPMSchedule(dacer.vp_beta_schedule(20, 0.1, 10.0), torch.device("cpu"))
+    obs = torch.randn(64, 3)
+    torch.manual_seed(1)
+    clean = dacer.sample_actions(denoiser, schedule, obs, 0.0, 1.0)
+    torch.manual_seed(1)
+    noisy = dacer.sample_actions(denoiser, schedule, obs, 5.0, 1.0)  # same chain noise, huge exploration noise
+    assert clean.shape == (64, 2) and clean.abs().max() <= 1.0
+    assert noisy.abs().max() <= 1.0 and (noisy.abs() == 1.0).float().mean() > 0.5  # clipped after the noise
+    assert not torch.equal(clean, noisy)
+
+
+def sample_mixture(weights, means, covs, batch, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    comp = torch.multinomial(weights, batch * n, replacement=True, generator=g).view(batch, n)
+    z = torch.randn(batch, n, means.shape[-1], generator=g, dtype=torch.float64)
+    return means[comp] + (torch.linalg.cholesky(covs)[comp] @ z[..., None]).squeeze(-1)
+
+
+def mixture_log_prob(x, weights, means, covs):
+    """log p(x) of one known mixture: x [M, D] -> [M]."""
+    return torch.logsumexp(dacer.gaussian_log_probs(x[None], means[None], covs[None])[0] + weights.log()[:, None], 0)
+
+
+def known_mixture(dim=3, separation=6.0):
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(3, dim, dim, generator=g, dtype=torch.float64) * 0.4
+    covs = a @ a.transpose(-1, -2) + 0.05 * torch.eye(dim, dtype=torch.float64)
+    means = torch.zeros(3, dim, dtype=torch.float64)
+    means[0, 0], means[1, 0], means[2, 1] = -separation, separation, separation
+    return torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), means, covs
+
+
+def test_gmm_recovers_known_mixture_and_entropy():
+    weights, means, covs = known_mixture()
+    x = sample_mixture(weights, means, covs, batch=8, n=2000, seed=0)  # 8 states, same mixture
+    torch.manual_seed(0)
+    fit_w, fit_m, fit_c = dacer.fit_gmm(x, 3, 100)
+    true_entropy = dacer.gmm_entropy(weights[None], covs[None]).item()
+    # Monte-Carlo entropy -E[log p(x)] of the known mixture; well-separated, so the official formula matches it
+    mc = -mixture_log_prob(sample_mixture(weights, means, covs, 1, 200_000, seed=1)[0], weights, means, covs).mean()
+    assert true_entropy == pytest.approx(mc.item(), abs=0.02)
+    recovered = 0
+    for b in range(8):
+        order = torch.cdist(means, fit_m[b]).argmin(1)  # match fitted components to the true ones
+        if len(set(order.tolist())) == 3 and torch.allclose(fit_w[b, order], weights, atol=0.04) \
+                and torch.allclose(fit_m[b, order], means, atol=0.15) and torch.allclose(fit_c[b, order], covs, atol=0.1):
+            recovered += 1
+    assert recovered >= 7, recovered  # EM from one k-means start may land in a local optimum now and then
+    estimates = dacer.gmm_entropy(fit_w, fit_c)
+    assert estimates.median().item() == pytest.approx(mc.item(), abs=0.05)
+    # the script's estimator: 200 samples per state (as in DACER), mean over 64 states, float32 in and out
+    x200 = sample_mixture(weights, means, covs, batch=64, n=200, seed=2).float()
+    torch.manual_seed(0)
+    estimate = dacer.estimate_entropy(x200, 3, 100)
+    assert estimate.dtype == torch.float32 and estimate.shape == ()
+    assert estimate.item() == pytest.approx(mc.item(), abs=0.15)
+
+
+def test_gmm_entropy_formula_single_gaussian_and_bound():
+    # one component (the other two with ~0 weight contribute nothing): the Gaussian entropy 0.5 log((2 pi e)^D |C|)
+    cov = torch.tensor([[0.5, 0.1], [0.1, 0.3]], dtype=torch.float64)
+    gauss = 0.5 * math.log((2 * math.pi * math.e) ** 2 * torch.linalg.det(cov).item())
+    assert dacer.gmm_entropy(torch.tensor([[1.0]], dtype=torch.float64), cov[None, None]).item() == pytest.approx(gauss)
+    # overlapping components: the formula is an upper bound of the true (Monte-Carlo) mixture entropy
+    weights, means, covs = known_mixture(dim=2, separation=0.3)
+    mc = -mixture_log_prob(sample_mixture(weights, means, covs, 1, 100_000, seed=3)[0], weights, means, covs).mean()
+    assert dacer.gmm_entropy(weights[None], covs[None]).item() > mc.item() + 0.1
+    # clipped actions: many identical samples give a finite (very negative) entropy, not NaN
+    x = torch.ones(2, 200, 2, dtype=torch.float32)
+    x[1, :100] = -1.0
+    assert torch.isfinite(dacer.estimate_entropy(x, 3, 20))
+
+
+SMOKE = ["--env-id", "Pendulum-v1", "--max-episode-steps", "20", "--num-envs", "2", "--learning-starts", "40",
+         "--batch-size", "16", "--hidden-dim", "32", "--diffusion-steps", "5", "--alpha-frequency", "5",
+         "--entropy-samples", "8", "--em-iterations", "5", "--eval-frequency", "60", "--eval-episodes", "2",
+         "--log-frequency", "20", "--save-model", "--checkpoint-frequency", "60"]
+
+
+def test_smoke_run_summary_tensorboard_and_resume(tmp_path):
+    run_script("dacer.py", *SMOKE, "--total-timesteps", "120", cwd=tmp_path, env=ONE_THREAD)
+    (run_dir,) = run_dirs(tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["global_step"] == 120 and [e["step"] for e in summary["eval"]] == [60, 120]
+    assert summary["args"]["noise_scale"] == 0.1 and summary["args"]["learning_starts"] == 40  # presets resolved
+    for key in ("final_eval_return", "best_eval_return", "sps", "wall_seconds"):
+        assert np.isfinite(summary[key])
+    scalars = tensorboard_scalars(run_dir)
+    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_loss", "losses/qf2_loss",
+                "losses/qf_loss", "losses/qf1_values", "losses/actor_loss", "losses/alpha", "losses/alpha_loss",
+                "losses/entropy", "losses/qf1_std", "losses/mean_q1_std", "eval/episodic_return"):
+        assert tag in scalars, (tag, sorted(scalars))
+    # 20-step episodes on 2 envs: 120 steps end 6 episodes, logged with their length
+    assert [v for _, v in scalars["charts/episodic_length"]] == [20.0] * 6
+    # alpha moved (updates every 5 gradient steps from ln 3)
+    alphas = [v for _, v in scalars["losses/alpha"]]
+    assert alphas[0] == pytest.approx(3.0) and alphas[-1] != pytest.approx(3.0)
+
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["global_step"] == 120 and ckpt["rb"]["size"] == 120 and float(ckpt["mean_q1_std"]) > 0
+    proc = run_script("dacer.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "160",
+                      cwd=tmp_path, env=ONE_THREAD)
+    assert "resumed" in proc.stdout and "at step 120" in proc.stdout
+    assert run_dirs(tmp_path) == [run_dir]  # continues in the same run directory
+    summary = read_summary(run_dir)
+    assert summary["global_step"] == 160 and [e["step"] for e in summary["eval"]] == [60, 120, 160]
+    ckpt2 = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt2["update_step"] == ckpt["update_step"] + 20 and ckpt2["rb"]["size"] == 160
+
+
+def test_learns_pendulum(tmp_path):
+    # Reduced settings: one env (UTD 1), small nets, 5 denoising steps, lr 1e-3, a policy/target update every step.
+    # A random or untrained policy scores about -1200..-1700 here; the run reached -168 at 2000 steps when tuned.
+    run_script("dacer.py", "--env-id", "Pendulum-v1", "--num-envs", "1", "--total-timesteps", "2000",
+               "--learning-starts", "300", "--batch-size", "64", "--hidden-dim", "64", "--diffusion-steps", "5",
+               "--alpha-frequency", "500", "--entropy-samples", "32", "--eval-frequency", "1000",
+               "--eval-episodes", "4", "--log-frequency", "500", "--q-lr", "1e-3", "--policy-lr", "1e-3",
+               "--policy-frequency", "1", "--tau", "0.01", cwd=tmp_path, env=ONE_THREAD)
+    summary = read_summary(run_dirs(tmp_path)[0])
+    assert summary["eval"][-1]["step"] == 2000
+    assert summary["best_eval_return"] > -700, summary["eval"]
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--env-id", "NoSuchEnv-v0"], ["cannot make env", "NoSuchEnv-v0"]),
+    (["--env-id", "CartPole-v1"], ["Discrete", "continuous Box"]),
+    (["--entropy-samples", "3"], ["--entropy-samples must exceed"]),
+])
+def test_error_paths(tmp_path, flags, needles):
+    proc = run_script("dacer.py", *flags, cwd=tmp_path, check=False, env=ONE_THREAD, timeout=120)
+    assert_one_line_error(proc, "dacer.py: error", *needles)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"num_envs": 0}, "--num-envs must be positive"),
+    ({"noise_scale": -0.1}, "--noise-scale must be positive"),
+    ({"hidden_dim": 0}, "--hidden-dim must be positive"),
+    ({"entropy_samples": 3}, "--entropy-samples must exceed --gmm-components=3"),
+    ({"vp_beta_min": 5.0, "vp_beta_max": 1.0}, "--vp-beta-min and --vp-beta-max"),
+    ({"learning_starts": -1}, "--learning-starts must be in"),
+    ({"time_dim": 15}, "--time-dim must be an even number"),
+    ({"resume": "no/such/checkpoint.pt"}, "--resume: no checkpoint"),
+])
+def test_bad_flag_values(overrides, needle):
+    with pytest.raises(SystemExit) as exc:
+        dacer.check_args(dacer.Args(**overrides))
+    assert str(exc.value).startswith("dacer.py: error: ") and needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_presets_follow_env_id():
+    humanoid = dacer.resolve_presets(dacer.Args(env_id="Humanoid-v5"))
+    assert (humanoid.hidden_dim, humanoid.learning_starts, humanoid.noise_scale) == (512, 200_000, 0.15)
+    cheetah = dacer.resolve_presets(dacer.Args(env_id="HalfCheetah-v5"))
+    assert (cheetah.hidden_dim, cheetah.learning_starts, cheetah.noise_scale) == (256, 30_000, 0.15)
+    hopper = dacer.resolve_presets(dacer.Args(env_id="Hopper-v5"))
+    assert (hopper.hidden_dim, hopper.learning_starts, hopper.noise_scale) == (256, 30_000, 0.1)
+    overridden = dacer.resolve_presets(dacer.Args(env_id="Humanoid-v5", hidden_dim=64, noise_scale=0.3,
+                                                  learning_starts=10))
+    assert (overridden.hidden_dim, overridden.learning_starts, overridden.noise_scale) == (64, 10, 0.3)
+
+
+def test_kernels_triton_without_kernels_package(tmp_path):
+    shutil.copy(REPO / "dacer.py", tmp_path / "dacer.py")  # the script copied alone, no kernels/ next to it
+    proc = subprocess.run([sys.executable, str(tmp_path / "dacer.py"), "--env-id", "Pendulum-v1", "--kernels", "triton"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
+    assert_one_line_error(proc, "dacer.py: error", "--kernels triton", "--kernels torch")
+
+
+def test_triton_reverse_chain_matches_torch_with_gradients():
+    pytest.importorskip("triton")  # requirements.txt installs it; a CPU machine runs it through the interpreter
+    torch.manual_seed(0)
+    denoiser = dacer.Denoiser(3, 2, 16, 16, 20)
+    schedule = dacer.DDPMSchedule(dacer.vp_beta_schedule(20, 0.1, 10.0), torch.device("cpu"))
+    obs, x, noise, weights = torch.randn(8, 3), torch.randn(8, 2), torch.randn(20, 8, 2), torch.randn(8, 2)
+    results = {}
+    for backend in ("torch", "triton"):  # --kernels triton routes the policy loss through kernels.reverse_chain
+        denoiser.zero_grad()
+        out = dacer.reverse_chain(denoiser, schedule, obs, x, noise, backend)
+        (out * weights).sum().backward()
+        results[backend] = out.detach(), [p.grad.clone() for p in denoiser.parameters()]
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-5, rtol=1e-4)
+    for name, (p, grad_triton, grad_torch) in zip([n for n, _ in denoiser.named_parameters()],
+                                                   zip(denoiser.parameters(), results["triton"][1], results["torch"][1])):
+        assert grad_torch.abs().sum() > 0, name
+        torch.testing.assert_close(grad_triton, grad_torch, atol=1e-5, rtol=1e-4, msg=name)
