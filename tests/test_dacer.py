@@ -237,18 +237,17 @@ def test_learns_pendulum(tmp_path):
     # A random or untrained policy scores about -1200..-1700 here; the run reached -168 at 2000 steps when tuned.
     run_script("dacer.py", "--env-id", "Pendulum-v1", "--num-envs", "1", "--total-timesteps", "2000",
                "--learning-starts", "300", "--batch-size", "64", "--hidden-dim", "64", "--diffusion-steps", "5",
-               "--alpha-frequency", "500", "--entropy-samples", "32", "--eval-frequency", "1000",
+               "--alpha-frequency", "500", "--entropy-samples", "32", "--eval-frequency", "2000",
                "--eval-episodes", "4", "--log-frequency", "500", "--q-lr", "1e-3", "--policy-lr", "1e-3",
                "--policy-frequency", "1", "--tau", "0.01", cwd=tmp_path, env=ONE_THREAD)
     summary = read_summary(run_dirs(tmp_path)[0])
-    assert summary["eval"][-1]["step"] == 2000
-    assert summary["best_eval_return"] > -700, summary["eval"]
+    assert [e["step"] for e in summary["eval"]] == [2000]
+    assert summary["final_eval_return"] > -700, summary["eval"]
 
 
 @pytest.mark.parametrize("flags, needles", [
     (["--env-id", "NoSuchEnv-v0"], ["cannot make env", "NoSuchEnv-v0"]),
     (["--env-id", "CartPole-v1"], ["Discrete", "continuous Box"]),
-    (["--entropy-samples", "3"], ["--entropy-samples must exceed"]),
 ])
 def test_error_paths(tmp_path, flags, needles):
     proc = run_script("dacer.py", *flags, cwd=tmp_path, check=False, env=ONE_THREAD, timeout=120)
@@ -266,9 +265,9 @@ def test_error_paths(tmp_path, flags, needles):
     ({"resume": "no/such/checkpoint.pt"}, "--resume: no checkpoint"),
 ])
 def test_bad_flag_values(overrides, needle):
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc:  # sys.exit(message): Python prints it to stderr and exits with 1
         dacer.check_args(dacer.Args(**overrides))
-    assert str(exc.value).startswith("dacer.py: error: ") and needle in str(exc.value) and "\n" not in str(exc.value)
+    assert isinstance(exc.value.code, str) and str(exc.value).startswith("dacer.py: error: ") and needle in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_presets_follow_env_id():
