@@ -1,0 +1,348 @@
+"""Tests for kernels/: the fused reverse-chain Triton kernels against the plain-PyTorch reference.
+
+On a CPU machine everything runs through Triton's interpreter (TRITON_INTERPRET=1, set by the root conftest.py), so
+shapes are small; the odd dims of the brief (S = 348, A = 17, temb 32, hidden 512) appear with tiny batches.
+Tolerances follow kernels.md §4.4: fp32 kernels are held to the flash-attention ratio rule against an fp64 reference
+(error <= 2x the error of the same chain run by PyTorch in fp32, + 1e-5), fp16 likewise against PyTorch's fp16 chain.
+GPU-only checks (bf16, the compiled kernel) are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+import kernels.chain as kchain
+from kernels.reference import (SCHEDULES, cosine_betas, ddpm_coefficients, linear_betas, make_layers, mlp_forward,
+                               reverse_chain_reference, vp_betas)
+from tests.helpers import REPO, read_summary, run_dirs, run_script
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: bf16 and compiled Triton cannot be checked in the "
+                                                "CPU interpreter (kernels.md §4.2)")
+
+
+def _problem(S, A, E, H, T, N, sched="vp", dtype=torch.float32, seed=0, wscale=1.0, xscale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    layers = make_layers(S, A, E, H, dtype=torch.float64, generator=g, scale=wscale)
+    state = torch.randn(N, S, generator=g, dtype=torch.float64)
+    x = xscale * torch.randn(N, A, generator=g, dtype=torch.float64)
+    temb = torch.randn(T, E, generator=g, dtype=torch.float64)
+    noise = torch.randn(T, N, A, generator=g, dtype=torch.float64)
+    betas = SCHEDULES[sched](T)
+    return layers, state, x, temb, noise, betas
+
+
+def _cast(layers, *ts, dtype, device=DEV):
+    return [(w.to(device, dtype), b.to(device, dtype)) for w, b in layers], [t.to(device, dtype) for t in ts]
+
+
+def _ratio_check(out, ref64, ref_lowp, slack):
+    """flash-attention rule: |out - ref64| <= 2 |ref_lowp - ref64| + slack, elementwise max; no NaN."""
+    out, ref64, ref_lowp = out.double().cpu(), ref64.double().cpu(), ref_lowp.double().cpu()
+    assert torch.isfinite(out).all()
+    err = (out - ref64).abs().max().item()
+    bound = 2 * (ref_lowp - ref64).abs().max().item() + slack
+    assert err <= bound, f"kernel error {err:.3e} > bound {bound:.3e}"
+    return err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference and schedules
+# ----------------------------------------------------------------------------------------------------------------------
+def test_schedules_match_the_official_formulas():
+    lin = linear_betas(20)
+    assert lin[0].item() == pytest.approx(0.8e-4) and lin[-1].item() == pytest.approx(0.8 * 0.999)
+    vp = vp_betas(5)
+    t = torch.arange(1, 6, dtype=torch.float64)
+    assert torch.allclose(vp, 1 - torch.exp(-0.1 / 5 - 0.5 * 9.9 * (2 * t - 1) / 25))
+    cos = cosine_betas(20)  # online_algorithms.md §3.2: beta_1 = 0.008, beta_19 = 0.749, beta_20 = 0.999
+    assert cos[0].item() == pytest.approx(0.008, abs=5e-4) and cos[18].item() == pytest.approx(0.749, abs=1e-3)
+    assert cos[19].item() == pytest.approx(0.999)
+    c = ddpm_coefficients(vp)
+    # at t = 0: ac_prev = 1, so the posterior mean is x0 itself (c1 = 1, c2 = 0) and the variance is clamped
+    assert c["c1"][0].item() == pytest.approx(1.0) and c["c2"][0].item() == pytest.approx(0.0, abs=1e-12)
+    assert c["post_std"][0].item() == pytest.approx(1e-10)
+
+
+def test_reference_mlp_matches_nn_modules():
+    S, A, E, H = 5, 3, 4, 16
+    for order in ("sxt", "xts"):
+        net = torch.nn.Sequential(torch.nn.Linear(S + A + E, H), torch.nn.Mish(), torch.nn.Linear(H, H),
+                                  torch.nn.Mish(), torch.nn.Linear(H, H), torch.nn.Mish(), torch.nn.Linear(H, A))
+        layers = [(m.weight, m.bias) for m in net if isinstance(m, torch.nn.Linear)]
+        s, x, te = torch.randn(7, S), torch.randn(7, A), torch.randn(E)
+        inp = torch.cat([s, x, te.expand(7, E)] if order == "sxt" else [x, te.expand(7, E), s], 1)
+        torch.testing.assert_close(mlp_forward(layers, s, x, te, order), net(inp))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward parity (interpreter on CPU, compiled on GPU)
+# ----------------------------------------------------------------------------------------------------------------------
+FWD_CASES = [
+    # order, S, A, E, H, T, schedule, N, clip        (which script it stands for)
+    ("sxt", 17, 6, 16, 32, 20, "linear", 21, 1.0),  # SDAC, batch not a multiple of the block
+    ("xts", 17, 6, 16, 64, 5, "vp", 37, 1.0),  # Diffusion-QL
+    ("sxt", 348, 17, 16, 32, 5, "vp", 5, 1.0),  # DACER on Humanoid dims (S=348 > 256, A=17 -> A_PAD=32)
+    ("xts", 11, 3, 32, 64, 20, "cosine", 20, 1.0),  # QVPO: temb 32, cosine with beta_T = 0.999
+    ("sxt", 11, 1, 16, 256, 5, "vp", 17, None),  # hidden 256, A=1, no clip
+    ("xts", 27, 8, 16, 512, 5, "linear", 3, 2.0),  # hidden 512 (DACER Humanoid width)
+]
+
+
+@pytest.mark.parametrize("order,S,A,E,H,T,sched,N,clip", FWD_CASES)
+def test_forward_matches_reference_fp32(order, S, A, E, H, T, sched, N, clip):
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, sched)
+    ref64 = reverse_chain_reference(layers, state, x, temb, betas, order, noise=noise, clip=clip)
+    l32, (s32, x32, t32, n32) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    ref32 = reverse_chain_reference(l32, s32, x32, t32, betas, order, noise=n32, clip=clip)
+    out = kernels.reverse_chain(l32, s32, x32, t32, betas, order, noise=n32, clip=clip)
+    assert out.shape == (N, A) and out.dtype == torch.float32
+    _ratio_check(out, ref64, ref32, slack=1e-5)
+    if clip is not None:  # not vacuous: most outputs are not sitting on the clip bound
+        assert (out.abs() < 0.999 * clip).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("order,S,A,E,H,T,sched,N,clip", [FWD_CASES[0], FWD_CASES[3]])
+def test_forward_matches_reference_fp16(order, S, A, E, H, T, sched, N, clip):
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, sched)
+    # The truth is the fp64 chain of the fp16-rounded weights; the low-precision yardstick is PyTorch's fp16 chain.
+    l16, (s16, x16, t16, n16) = _cast(layers, state, x, temb, noise, dtype=torch.float16, device="cpu")
+    l64 = [(w.double(), b.double()) for w, b in l16]
+    ref64 = reverse_chain_reference(l64, state, x, temb, betas, order, noise=noise, clip=clip)
+    ref16 = reverse_chain_reference(l16, s16, x16, t16, betas, order, noise=n16, clip=clip)
+    lk = [(w.to(DEV), b.to(DEV)) for w, b in l16]
+    _, (sk, xk, tk, nk) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    out = kernels.reverse_chain(lk, sk, xk, tk, betas, order, noise=nk, clip=clip)
+    err = _ratio_check(out, ref64, ref16, slack=1e-3)
+    assert err < 2e-2
+
+
+def test_final_noise_and_fp64():
+    layers, state, x, temb, noise, betas = _problem(9, 4, 16, 32, 5, 19, "vp")
+    ref = reverse_chain_reference(layers, state, x, temb, betas, "sxt", noise=noise, clip=1.0, final_noise=True)
+    l64, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float64)
+    out = kernels.reverse_chain(l64, s, xx, te, betas, "sxt", noise=nz, clip=1.0, final_noise=True)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
+    # without final noise the output differs by exactly the (tiny, std_0 = 1e-10) last noise term
+    out0 = kernels.reverse_chain(l64, s, xx, te, betas, "sxt", noise=nz, clip=1.0, final_noise=False)
+    torch.testing.assert_close((out - out0).cpu(), 1e-10 * noise[0], rtol=1e-6, atol=1e-14)
+
+
+def test_nan_poisoned_memory_beyond_the_valid_region():
+    """Every input is a strided view into a larger NaN-filled buffer, and noise[0] (unused) is NaN: no NaN may leak."""
+    order, S, A, E, H, T, N = "xts", 13, 5, 16, 32, 5, 21
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, "cosine")
+    ref = reverse_chain_reference(layers, state, x, temb, betas, order, noise=noise, clip=1.0)
+
+    def poisoned(t):
+        big = torch.full([d + 3 for d in t.shape], float("nan"), dtype=torch.float32, device=DEV)
+        view = big[tuple(slice(1, 1 + d) for d in t.shape)]
+        view.copy_(t)
+        return view
+
+    lk = [(poisoned(w), poisoned(b)) for w, b in layers]
+    nz = poisoned(noise)
+    nz[0] = float("nan")
+    out = kernels.reverse_chain(lk, poisoned(state), poisoned(x), poisoned(temb), betas, order, noise=nz, clip=1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-5)
+    # and the gradient path reads the same views
+    lg = [(w.detach().requires_grad_(), b.detach().requires_grad_()) for w, b in lk]
+    st = poisoned(state).requires_grad_()
+    kernels.reverse_chain(lg, st, poisoned(x), poisoned(temb), betas, order, noise=nz, clip=1.0).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for pair in lg for p in pair) and torch.isfinite(st.grad).all()
+
+
+def test_grad_mode_and_inference_paths_agree():
+    layers, state, x, temb, noise, betas = _problem(6, 2, 16, 32, 3, 10, "linear")
+    lk, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    with torch.no_grad():
+        a = kernels.reverse_chain(lk, s, xx, te, betas, "sxt", noise=nz)
+    xx.requires_grad_()
+    b = kernels.reverse_chain(lk, s, xx, te, betas, "sxt", noise=nz)
+    assert b.requires_grad and not a.requires_grad
+    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In-kernel RNG
+# ----------------------------------------------------------------------------------------------------------------------
+def test_in_kernel_rng_statistics_and_reproducibility():
+    """Zero weights make eps = 0, so without clipping the chain is linear-Gaussian: x <- k_t x + std_t z with
+    k_t = c1_t sra_t + c2_t. From x_T = 0 the output is N(0, v) with v = sum over steps of std_t^2 * prod of later k^2."""
+    S, A, E, H, T, N = 3, 16, 16, 16, 3, 640
+    betas = linear_betas(T)
+    zero = [(torch.zeros(o, i, device=DEV), torch.zeros(o, device=DEV)) for i, o in
+            [(S + A + E, H), (H, H), (H, H), (H, A)]]
+    state = torch.randn(N, S, device=DEV)
+    x = torch.zeros(N, A, device=DEV)
+    temb = torch.randn(T, E, device=DEV)
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEV)
+    out = kernels.reverse_chain(zero, state, x, temb, betas, "sxt", seed=seed, clip=None).double().cpu()
+    c = ddpm_coefficients(betas)
+    var = 0.0
+    for t in range(T - 1, -1, -1):
+        k = (c["c1"][t] * c["sqrt_recip_ac"][t] + c["c2"][t]).item()
+        var = k * k * var + (c["post_std"][t].item() ** 2 if t > 0 else 0.0)
+    n = out.numel()
+    assert abs(out.mean().item()) < 4 * math.sqrt(var / n)
+    assert out.std().item() == pytest.approx(math.sqrt(var), rel=0.03)
+    # Gaussian shape: ~68.3% within one std
+    assert (out.abs() < math.sqrt(var)).double().mean().item() == pytest.approx(0.6827, abs=0.02)
+    # neighbouring columns and rows are uncorrelated
+    assert abs(torch.corrcoef(torch.stack([out[:, 0], out[:, 1]]))[0, 1].item()) < 0.1
+    assert abs(torch.corrcoef(torch.stack([out[:-1, 0], out[1:, 0]]))[0, 1].item()) < 0.1
+    again = kernels.reverse_chain(zero, state, x, temb, betas, "sxt", seed=seed.clone(), clip=None).double().cpu()
+    assert torch.equal(out, again)
+    other = kernels.reverse_chain(zero, state, x, temb, betas, "sxt", seed=seed + 1, clip=None).double().cpu()
+    assert not torch.allclose(out, other)
+    # the stream is keyed by logical (t, row, col) indices: the first rows do not depend on N (grid/block size)
+    head = kernels.reverse_chain(zero, state[:7], x[:7], temb, betas, "sxt", seed=seed, clip=None).double().cpu()
+    assert torch.equal(head, out[:7])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("order,clip,sched", [("sxt", None, "vp"), ("xts", 1.0, "cosine")])
+def test_gradcheck_fp64(order, clip, sched):
+    S, A, E, H, T, N = 5, 3, 4, 16, 3, 5
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, sched, wscale=2.0, xscale=1.0)
+    flat = [t.to(DEV).requires_grad_() for pair in layers for t in pair]
+    inputs = [state.to(DEV).requires_grad_(), x.to(DEV).requires_grad_(), temb.to(DEV).requires_grad_()]
+    nz = noise.to(DEV)
+
+    def f(s, xx, te, *fl):
+        return kernels.reverse_chain([(fl[2 * i], fl[2 * i + 1]) for i in range(4)], s, xx, te, betas, order,
+                                     noise=nz, clip=clip)
+
+    assert torch.autograd.gradcheck(f, (*inputs, *flat), fast_mode=True)
+    # and the full gradient equals PyTorch autograd through the reference chain
+    out = f(*inputs, *flat)
+    ref = reverse_chain_reference([(flat[2 * i], flat[2 * i + 1]) for i in range(4)], *inputs, betas, order,
+                                  noise=nz, clip=clip)
+    go = torch.randn_like(out)
+    g_k = torch.autograd.grad(out, inputs + flat, go)
+    g_r = torch.autograd.grad(ref, inputs + flat, go)
+    for a, b in zip(g_k, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_backward_fp32_matches_reference_on_odd_dims():
+    """DACER-like training path in fp32: S=348, A=17, T=5, batch not a multiple of the block; grads of everything."""
+    order, S, A, E, H, T, N = "sxt", 348, 17, 16, 32, 5, 19
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, "vp")
+    grads = {}
+    for name, dt in (("k", torch.float32), ("r", torch.float64)):
+        lk, ts = _cast(layers, state, x, temb, noise, dtype=dt)
+        params = [t.requires_grad_() for pair in lk for t in pair] + [t.requires_grad_() for t in ts[:3]]
+        fn = kernels.reverse_chain if name == "k" else reverse_chain_reference
+        out = fn(lk, *ts[:3], betas, order, noise=ts[3], clip=1.0)
+        (out * torch.linspace(-1, 1, A, device=DEV, dtype=dt)).sum().backward()
+        grads[name] = [p.grad.double().cpu() for p in params]
+    for a, b in zip(grads["k"], grads["r"]):
+        assert torch.isfinite(a).all()
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# API errors
+# ----------------------------------------------------------------------------------------------------------------------
+def test_bad_input_gives_actionable_errors():
+    layers, state, x, temb, noise, betas = _problem(4, 2, 16, 16, 3, 5)
+    lk, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    with pytest.raises(ValueError, match="order"):
+        kernels.reverse_chain(lk, s, xx, te, betas, "txs", noise=nz)
+    with pytest.raises(ValueError, match="noise has shape"):
+        kernels.reverse_chain(lk, s, xx, te, betas, "sxt", noise=nz[:2])
+    with pytest.raises(ValueError, match="seed"):
+        kernels.reverse_chain(lk, s, xx, te, betas, "sxt")
+    with pytest.raises(ValueError, match="layer shapes"):
+        kernels.reverse_chain(lk, s[:, :3], xx, te, betas, "sxt", noise=nz)
+    if not CUDA:
+        lb = [(w.bfloat16(), b.bfloat16()) for w, b in lk]
+        with pytest.raises(ValueError, match="bf16"):
+            kernels.reverse_chain(lb, s, xx, te, betas, "sxt", noise=nz)
+
+
+def test_import_works_without_gpu_in_a_fresh_process():
+    code = "import kernels, sys; assert callable(kernels.reverse_chain); print('ok')"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels/ must decide on its own
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmark (runs at tiny sizes; no timing asserts)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_bench_tiny_prints_one_table():
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--tiny", "--skip-compile", "--reps", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for col in ("eager", "compile", "cuda graph", "fused"):
+        assert col in out.lower(), out
+    assert "forward" in out and "train" in out
+    if not CUDA:
+        assert "n/a (no GPU)" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU-only
+# ----------------------------------------------------------------------------------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("order,S,A,E,H,T,sched,N,clip", [FWD_CASES[0], FWD_CASES[4], FWD_CASES[5]])
+def test_gpu_bf16_forward_ratio_rule(order, S, A, E, H, T, sched, N, clip):
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, sched)
+    lb, (sb, xb, tb, nb) = _cast(layers, state, x, temb, noise, dtype=torch.bfloat16)
+    l64 = [(w.double().cpu(), b.double().cpu()) for w, b in lb]
+    ref64 = reverse_chain_reference(l64, state, x, temb, betas, order, noise=noise, clip=clip)
+    ref_bf = reverse_chain_reference(lb, sb, xb, tb, betas, order, noise=nb, clip=clip)
+    out = kernels.reverse_chain(lb, sb.float(), xb.float(), tb.float(), betas, order, noise=nb.float(), clip=clip)
+    _ratio_check(out, ref64, ref_bf, slack=1e-2)
+
+
+@needs_gpu
+def test_gpu_large_batch_and_bf16_backward():
+    order, S, A, E, H, T, N = "sxt", 17, 6, 16, 256, 20, 12800
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, "linear")
+    res = {}
+    for name, dt in (("k", torch.bfloat16), ("bf", torch.bfloat16), ("r", torch.float64)):
+        lk, ts = _cast(layers, state, x, temb, noise, dtype=dt)
+        if name == "k":
+            ts = [t.float() for t in ts]
+        params = [t.requires_grad_() for pair in lk for t in pair]
+        fn = kernels.reverse_chain if name == "k" else reverse_chain_reference
+        out = fn(lk, *ts[:3], betas, order, noise=ts[3], clip=1.0)
+        out.float().square().mean().backward()
+        res[name] = (out.double(), [p.grad.double() for p in params])
+    _ratio_check(res["k"][0], res["r"][0], res["bf"][0], slack=1e-2)
+    for gk, gb, gr in zip(res["k"][1], res["bf"][1], res["r"][1]):
+        assert (gk - gr).norm() <= 2 * (gb - gr).norm() + 1e-2 * gr.norm()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End-to-end: sdac.py's reverse_chain with backend triton vs torch, and a tiny `--kernels triton` run
+# ----------------------------------------------------------------------------------------------------------------------
+def test_sdac_reverse_chain_triton_matches_torch():
+    sdac = pytest.importorskip("sdac")
+    torch.manual_seed(0)
+    S, A, T, N = 17, 6, 20, 24
+    den = sdac.Denoiser(S, A, 64, 16, T).to(DEV)
+    sched = sdac.DDPMSchedule(sdac.linear_beta_schedule(T, 0.8), torch.device(DEV))
+    obs = torch.randn(N, S, device=DEV)
+    x = 0.5 * torch.randn(N, A, device=DEV)
+    noise = torch.randn(T, N, A, device=DEV)
+    with torch.no_grad():
+        a_torch = sdac.reverse_chain(den, sched, obs, x, noise, backend="torch")
+        a_triton = sdac.reverse_chain(den, sched, obs, x, noise, backend="triton")
+    torch.testing.assert_close(a_triton, a_torch, rtol=1e-4, atol=1e-5)
