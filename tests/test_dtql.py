@@ -267,8 +267,9 @@ def test_bandit_one_step_policy_picks_the_best_mode(tmp_path, minari_root):
     offline_data.make_bandit_dataset()
     # alpha 0.2: rewards here are <= 1 (D4RL Q values are in the hundreds), so the trust region needs a smaller weight
     run_script("dtql.py", "--dataset-id", "toy/multimodal-bandit-v0", "--hidden-dim", "64", "--lr", "3e-3",
-               "--critic-lr", "3e-3", "--alpha", "0.2", "--pretrain-steps", "300", "--total-timesteps", "500",
-               "--eval-frequency", "500", "--eval-episodes", "50", "--log-frequency", "100", "--save-model", cwd=tmp_path)
+               "--critic-lr", "3e-3", "--alpha", "0.2", "--lr-decay", "False", "--pretrain-steps", "300",
+               "--total-timesteps", "500", "--eval-frequency", "500", "--eval-episodes", "50", "--log-frequency", "100",
+               "--save-model", cwd=tmp_path)
     (run_dir,) = run_dirs(tmp_path)
     summary = read_summary(run_dir)
     # any mode but the best pays at most 0.6: a mean return above 0.7 needs most of the 50 actions on mode 0
