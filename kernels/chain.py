@@ -302,12 +302,32 @@ def _config(N: int, H: int, dtype: torch.dtype) -> dict:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
-        return "tf32"
-    return "ieee"
+    """fp32 dots: IEEE unless PyTorch's matmuls may use TF32. Other dtypes: Triton's default ("tf32", which only
+    affects fp32 operands), so fp16/bf16 dots compile exactly as they would without the argument."""
+    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not _interpreting()):
+        return "ieee"
+    return "tf32"
+
+
+_COEF_CACHE: dict = {}
 
 
 def _coef_table(betas: torch.Tensor, final_noise: bool, device, acc_dtype) -> torch.Tensor:
+    """[6, T] coefficient table. Cached per betas tensor: recomputing it is ~15 small PyTorch ops (~100 us of CPU
+    launch overhead on a GPU), more than the fused kernel itself at small batch. The cache keeps a reference to the
+    betas tensor (so its storage cannot be recycled under the same id) and its version counter (in-place edits)."""
+    key = (id(betas), str(device), acc_dtype, bool(final_noise))
+    hit = _COEF_CACHE.get(key)
+    if hit is not None and hit[0] is betas and hit[1] == betas._version:
+        return hit[2]
+    table = _compute_coef_table(betas, final_noise, device, acc_dtype)
+    if len(_COEF_CACHE) >= 64:
+        _COEF_CACHE.clear()
+    _COEF_CACHE[key] = (betas, betas._version, table)
+    return table
+
+
+def _compute_coef_table(betas: torch.Tensor, final_noise: bool, device, acc_dtype) -> torch.Tensor:
     c = ddpm_coefficients(betas.detach().to(device))
     std = c["post_std"].clone()
     if not final_noise:

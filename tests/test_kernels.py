@@ -385,3 +385,15 @@ def test_diffusion_ql_chain_and_gradients_triton_match_torch():
     torch.testing.assert_close(res["triton"][0], res["torch"][0], rtol=1e-4, atol=1e-5)
     for g_k, g_t in zip(res["triton"][1], res["torch"][1]):
         assert (g_k - g_t).norm() <= 1e-4 * g_t.norm() + 1e-6
+
+
+def test_coefficient_cache_follows_in_place_edits_of_betas():
+    layers, state, x, temb, noise, betas = _problem(4, 2, 16, 16, 3, 5, "vp")
+    lk, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float64)
+    b = betas.clone()
+    first = kernels.reverse_chain(lk, s, xx, te, b, "sxt", noise=nz, clip=None)
+    b.copy_(linear_betas(3))  # same tensor object, new values: the cached table must not be reused
+    second = kernels.reverse_chain(lk, s, xx, te, b, "sxt", noise=nz, clip=None)
+    ref = reverse_chain_reference(layers, state, x, temb, linear_betas(3), "sxt", noise=noise, clip=None)
+    torch.testing.assert_close(second.cpu(), ref, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(first, second)
