@@ -45,7 +45,8 @@ class MultimodalBanditEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self):
+    def __init__(self, render_mode: str | None = None):
+        self.render_mode = render_mode  # no rendering; accepted so generic env-making code can pass it
         self.observation_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
 

@@ -1,0 +1,683 @@
+# Docs: README.md#diffusion_ql
+"""Diffusion-QL: diffusion policies as an expressive policy class for offline RL, in one file, on Minari datasets.
+
+Paper: Wang, Hunt, Zhou, "Diffusion Policies as an Expressive Policy Class for Offline Reinforcement Learning"
+(ICLR 2023; arXiv 2208.06193). Official PyTorch code: Zhendong-Wang/Diffusion-Policies-for-Offline-RL @ d871f5c
+(`agents/ql_diffusion.py`, `agents/diffusion.py`, `main.py`); its per-task table is the `OFFICIAL_TASKS` below.
+
+Deviations from the official code (each deliberate; README.md#diffusion_ql explains them):
+1. Data come from Minari (`minari.load_dataset`), not `d4rl.qlearning_dataset`: transitions obs[:-1] -> obs[1:] of
+   every episode, terminations cut the bootstrap and truncations do not (as D4RL's `terminals`/`timeouts`). Actions
+   are rescaled from the dataset's Box to [-1, 1] (the identity for every official task, whose max_action is 1).
+2. Evaluation runs the `eval_episodes` episodes in lock-step, one env each, reset with seeds seed+100+i (official: one
+   env seeded once with seed+100, episodes in sequence), and only scores the normalised score x100 when the dataset
+   carries `ref_min_score`/`ref_max_score`.
+3. Speed, same math: the state and time parts of the denoiser's first layer are computed once per reverse chain, the
+   DDPM coefficients are Python floats, the critic's weight gradients are not computed in the actor backward (the
+   official code computes and then discards them), and the twin Q heads are two modules (official: one module).
+4. The DDPM coefficients are computed in float64 and cast to float32 (official: float32 throughout; ~1e-7 relative).
+Official quirks kept: the EMA actor is a copy of the initial actor and only starts moving at step 1000, so the first
+1000 critic targets use the untrained policy; `--lr-decay` is the official cosine schedule stepped once per
+evaluation (every 50k steps) over T_max = epochs, which leaves the lr at ~0.999x of its start, i.e. no decay;
+`best_normalized_score` is the best eval during training (the paper's "online model selection"), reported next to
+the last one. Not kept: the offline model selection (`--ms offline`, early stopping, and its argsort indexing bug).
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+# The official per-task table (DQL main.py): actor lr, eta, max_q_backup, reward_tune, epochs of 1000 gradient
+# steps, grad-norm clip gn. Eval episodes: 10 for the gym (-v2) tasks, 100 for the others.
+OFFICIAL_TASKS = {
+    "halfcheetah-medium-v2": (3e-4, 1.0, False, "no", 2000, 9.0),
+    "hopper-medium-v2": (3e-4, 1.0, False, "no", 2000, 9.0),
+    "walker2d-medium-v2": (3e-4, 1.0, False, "no", 2000, 1.0),
+    "halfcheetah-medium-replay-v2": (3e-4, 1.0, False, "no", 2000, 2.0),
+    "hopper-medium-replay-v2": (3e-4, 1.0, False, "no", 2000, 4.0),
+    "walker2d-medium-replay-v2": (3e-4, 1.0, False, "no", 2000, 4.0),
+    "halfcheetah-medium-expert-v2": (3e-4, 1.0, False, "no", 2000, 7.0),
+    "hopper-medium-expert-v2": (3e-4, 1.0, False, "no", 2000, 5.0),
+    "walker2d-medium-expert-v2": (3e-4, 1.0, False, "no", 2000, 5.0),
+    "antmaze-umaze-v0": (3e-4, 0.5, False, "cql_antmaze", 1000, 2.0),
+    "antmaze-umaze-diverse-v0": (3e-4, 2.0, True, "cql_antmaze", 1000, 3.0),
+    "antmaze-medium-play-v0": (1e-3, 2.0, True, "cql_antmaze", 1000, 2.0),
+    "antmaze-medium-diverse-v0": (3e-4, 3.0, True, "cql_antmaze", 1000, 1.0),
+    "antmaze-large-play-v0": (3e-4, 4.5, True, "cql_antmaze", 1000, 10.0),
+    "antmaze-large-diverse-v0": (3e-4, 3.5, True, "cql_antmaze", 1000, 7.0),
+    "pen-human-v1": (3e-5, 0.15, False, "normalize", 1000, 7.0),
+    "pen-cloned-v1": (3e-5, 0.1, False, "normalize", 1000, 8.0),
+    "kitchen-complete-v0": (3e-4, 0.005, False, "no", 250, 9.0),
+    "kitchen-partial-v0": (3e-4, 0.005, False, "no", 1000, 10.0),
+    "kitchen-mixed-v0": (3e-4, 0.005, False, "no", 1000, 10.0),
+}
+# Named presets: the official row of one representative task per family, used for datasets with no official twin.
+PRESETS = {"locomotion": "hopper-medium-v2", "antmaze": "antmaze-medium-diverse-v0", "pen": "pen-human-v1",
+           "kitchen": "kitchen-partial-v0"}
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "diffusion-rl"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """record the first evaluation episode of every evaluation to runs/{run_name}/videos (needs moviepy)"""
+    save_model: bool = False
+    """write runs/{run_name}/checkpoint.pt every `checkpoint_frequency` gradient steps and at the end"""
+    resume: str | None = None
+    """path of a checkpoint.pt to continue from (flags given with it override the saved ones)"""
+    checkpoint_frequency: int = 50_000
+    """gradient steps between checkpoints (with --save-model)"""
+    dataset_id: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (Box observations and actions); looked up under MINARI_DATASETS_PATH first"""
+    total_timesteps: int | None = None
+    """number of gradient steps (None: the preset's epochs x 1000, e.g. 2M for locomotion)"""
+    learning_starts: int = 0
+    """unused offline (the whole dataset is there from step 0); kept for the common flag set, must be 0"""
+    num_envs: int = 1
+    """unused offline (evaluation runs its `eval_episodes` envs in lock-step); kept for the common flag set, must be 1"""
+    batch_size: int = 256
+    """the batch size of transitions sampled uniformly (with replacement) from the dataset"""
+    eval_frequency: int = 50_000
+    """gradient steps between evaluations (official: every 50 epochs of 1000 steps)"""
+    eval_episodes: int | None = None
+    """episodes per evaluation (None: 10 for locomotion, 100 for antmaze, pen and kitchen, as the official code)"""
+    diffusion_steps: int = 5
+    """number of denoising steps T (VP schedule)"""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """reverse-chain backend: fused Triton kernels (kernels/), plain PyTorch, or auto (Triton on CUDA if importable)"""
+    log_frequency: int = 1_000
+    """gradient steps between status lines and TensorBoard loss scalars"""
+
+    # Algorithm specific arguments
+    preset: str = "auto"
+    """official hyper-parameters: auto (from the dataset id), locomotion, antmaze, pen, kitchen, or an official task
+    name such as hopper-medium-v2; the five flags below override it one by one"""
+    lr: float | None = None
+    """learning rate of the diffusion actor (None: preset)"""
+    eta: float | None = None
+    """weight of the normalised Q term in the actor loss (None: preset)"""
+    max_q_backup: bool | None = None
+    """critic target = min over heads of the max over `max_q_backup_samples` EMA-actor actions (None: preset)"""
+    reward_tune: Literal["no", "normalize", "cql_antmaze"] | None = None
+    """reward transform: none, (r - mean) / std, or (r - 0.5) * 4 (None: preset)"""
+    grad_norm: float | None = None
+    """max gradient norm of actor and critic, <= 0 disables clipping (None: preset)"""
+    critic_lr: float = 3e-4
+    """learning rate of the critic (hard-coded 3e-4 in the official code for every task)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """Polyak coefficient of the target critic, every step"""
+    ema_decay: float = 0.995
+    """decay of the EMA actor that produces the critic-target actions"""
+    ema_start: int = 1_000
+    """gradient step from which the EMA actor is updated (before: it stays the initial actor)"""
+    ema_frequency: int = 5
+    """gradient steps between EMA updates"""
+    max_q_backup_samples: int = 10
+    """EMA-actor actions per next state with --max-q-backup"""
+    lr_decay: bool = False
+    """the official --lr_decay: cosine over T_max = epochs, stepped once per evaluation (so ~no decay)"""
+    eval_candidates: int = 50
+    """actions sampled per state at evaluation, one drawn by softmax of the target min-Q (1 = plain one sample)"""
+    hidden_dim: int = 256
+    """width of the 3 hidden layers of the denoiser and of the Q networks"""
+    time_dim: int = 16
+    """size of the sinusoidal time embedding"""
+
+
+SCRIPT = os.path.basename(__file__)
+
+
+def fail(message: str) -> None:
+    """Bad input: one actionable line on stderr and exit code 1, no traceback."""
+    sys.exit(f"{SCRIPT}: error: {message}")
+
+
+def check_args(args: Args) -> None:
+    positive = ["batch_size", "eval_frequency", "diffusion_steps", "log_frequency", "checkpoint_frequency",
+                "ema_frequency", "max_q_backup_samples", "eval_candidates", "hidden_dim"]
+    for name in positive + [n for n in ("total_timesteps", "eval_episodes") if getattr(args, n) is not None]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.learning_starts != 0 or args.num_envs != 1:
+        fail("--learning-starts and --num-envs are unused offline; leave them at 0 and 1")
+    if args.preset != "auto" and args.preset not in PRESETS and args.preset not in OFFICIAL_TASKS:
+        fail(f"unknown --preset {args.preset!r}; choose auto, {', '.join(PRESETS)} or an official task name "
+             f"such as hopper-medium-v2")
+    if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1 or not 0 <= args.ema_decay < 1:
+        fail(f"--gamma and --tau must be in (0, 1] and --ema-decay in [0, 1), got {args.gamma}, {args.tau}, "
+             f"{args.ema_decay}")
+    if (args.lr is not None and args.lr <= 0) or args.critic_lr <= 0:
+        fail("--lr and --critic-lr must be positive")
+    if args.eta is not None and args.eta < 0:
+        fail(f"--eta must be >= 0, got {args.eta}")
+    if args.ema_start < 0:
+        fail(f"--ema-start must be >= 0, got {args.ema_start}")
+    if args.time_dim < 4 or args.time_dim % 2:
+        fail(f"--time-dim must be an even number >= 4, got {args.time_dim}")
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at {args.resume!r} (runs/<run_name>/checkpoint.pt is written by --save-model)")
+
+
+def official_task(dataset_id: str) -> str | None:
+    """The official (D4RL) task a Minari dataset id corresponds to, e.g. mujoco/hopper/medium-v0 -> hopper-medium-v2,
+    D4RL/antmaze/umaze-diverse-v1 -> antmaze-umaze-diverse-v0, D4RL/pen/human-v2 -> pen-human-v1; else None."""
+    parts = dataset_id.rsplit("-v", 1)[0].split("/")
+    if len(parts) < 2:
+        return None
+    env, name = parts[-2].lower(), parts[-1].lower()
+    suffix = {"halfcheetah": "v2", "hopper": "v2", "walker2d": "v2", "antmaze": "v0", "pen": "v1", "kitchen": "v0"}
+    task = f"{env}-{name}-{suffix[env]}" if env in suffix else None
+    return task if task in OFFICIAL_TASKS else None
+
+
+def resolve_preset(args: Args) -> tuple[Args, str]:
+    """Fills every None hyper-parameter from the preset; returns the resolved args and the official row used."""
+    if args.preset in OFFICIAL_TASKS:
+        task = args.preset
+    elif args.preset in PRESETS:
+        task = PRESETS[args.preset]
+    else:  # auto: the dataset's official twin, else the family preset its id names, else locomotion
+        family = next((f for f in ("antmaze", "pen", "kitchen") if f in args.dataset_id.lower()), "locomotion")
+        task = official_task(args.dataset_id) or PRESETS[family]
+    lr, eta, max_q_backup, reward_tune, epochs, grad_norm = OFFICIAL_TASKS[task]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return replace(args, lr=pick(args.lr, lr), eta=pick(args.eta, eta), max_q_backup=pick(args.max_q_backup, max_q_backup),
+                   reward_tune=pick(args.reward_tune, reward_tune), grad_norm=pick(args.grad_norm, grad_norm),
+                   total_timesteps=pick(args.total_timesteps, epochs * 1000),
+                   eval_episodes=pick(args.eval_episodes, 10 if task.endswith("-v2") else 100)), task
+
+
+def load_dataset(dataset_id: str):
+    """Local Minari dataset first; a download only where it can work (huggingface_hub importable, not offline)."""
+    import importlib.util
+
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a malformed id or a broken local copy
+        fail(f"cannot load Minari dataset {dataset_id!r}: {type(e).__name__}: {e}")
+    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    how = f"`minari download {dataset_id}` (needs `pip install \"minari[hf]\"` and the internet) or set MINARI_DATASETS_PATH"
+    if importlib.util.find_spec("huggingface_hub") is None or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        fail(f"dataset {dataset_id!r} is not under {root} and cannot be downloaded here; get it with {how}")
+    try:
+        print(f"{dataset_id} is not under {root}; downloading it from the Minari hub ...", flush=True)
+        minari.download_dataset(dataset_id)
+        return minari.load_dataset(dataset_id)
+    except Exception as e:
+        fail(f"dataset {dataset_id!r} is not under {root} and the download failed ({type(e).__name__}); get it with {how}")
+
+
+def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """All transitions of the dataset as device tensors: obs/next_obs [N, S], actions [N, A] rescaled to [-1, 1],
+    rewards [N] (after the reward transform) and not_dones [N] (0 only where the episode terminated)."""
+    obs, next_obs, actions, rewards, terminals = [], [], [], [], []
+    for ep in dataset.iterate_episodes():
+        obs.append(ep.observations[:-1]), next_obs.append(ep.observations[1:]), actions.append(ep.actions)
+        rewards.append(ep.rewards), terminals.append(ep.terminations)
+    low, high = dataset.action_space.low, dataset.action_space.high
+    actions = 2.0 * (np.concatenate(actions) - low) / (high - low) - 1.0
+    rewards = torch.as_tensor(np.concatenate(rewards), dtype=torch.float32)
+    if reward_tune == "normalize":  # pen: torch's unbiased std, as the official Data_Sampler
+        rewards = (rewards - rewards.mean()) / rewards.std()
+    elif reward_tune == "cql_antmaze":
+        rewards = (rewards - 0.5) * 4.0
+    data = {"obs": np.concatenate(obs), "next_obs": np.concatenate(next_obs), "actions": np.clip(actions, -1.0, 1.0),
+            "not_dones": 1.0 - np.concatenate(terminals).astype(np.float32)}
+    data = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.items()}
+    return {k: v.to(device) for k, v in {**data, "rewards": rewards}.items()}
+
+
+def check_spaces(dataset, dataset_id: str) -> None:
+    for what, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            fail(f"{dataset_id} has a {type(space).__name__} {what} space {space}; {SCRIPT} needs flat Box spaces")
+    if not (np.all(np.isfinite(dataset.action_space.low)) and np.all(np.isfinite(dataset.action_space.high))):
+        fail(f"{dataset_id} has unbounded actions; the diffusion policy needs finite Box bounds")
+
+
+def make_env(dataset, seed: int, video_dir: str | None = None):
+    """A thunk that builds one evaluation env (the dataset's eval env) acting in [-1, 1]."""
+
+    def thunk() -> gym.Env:
+        try:
+            env = dataset.recover_environment(eval_env=True, **({"render_mode": "rgb_array"} if video_dir else {}))
+        except Exception as e:  # unregistered/unimportable entry point, missing MuJoCo, ...
+            fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
+        if video_dir:
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+        ones = np.ones(env.action_space.shape, dtype=np.float32)
+        env = gym.wrappers.RescaleAction(env, -ones, ones)
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """in -> 3 x [Linear(hidden), Mish] -> Linear(out), PyTorch default init (as the official code)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Mish(), nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+                         nn.Linear(hidden_dim, hidden_dim), nn.Mish(), nn.Linear(hidden_dim, out_dim))
+
+
+class QNetwork(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, hidden_dim, 1)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)  # [B]
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Official SinusoidalPosEmb of the integer step t: [sin(t f_k), cos(t f_k)], f_k = exp(-k ln(1e4) / (dim/2 - 1))."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000) / (half - 1)))
+    angles = t.float()[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1)  # [len(t), dim]
+
+
+class Denoiser(nn.Module):
+    """Noise prediction eps_theta(x_t, t, s): MLP on [x_t, temb, s], temb = MLP(sinusoidal(t)) (16 -> 32 -> 16)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, time_dim: int, diffusion_steps: int):
+        super().__init__()
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), nn.Mish(), nn.Linear(2 * time_dim, time_dim))
+        self.net = mlp(act_dim + time_dim + obs_dim, hidden_dim, act_dim)
+        self.register_buffer("time_features", sinusoidal_embedding(torch.arange(diffusion_steps), time_dim))  # [T, E]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(self.time_features[t])  # t: [B] integer steps
+        return self.net(torch.cat([x, temb, obs], -1))
+
+
+def vp_beta_schedule(diffusion_steps: int, b_min: float = 0.1, b_max: float = 10.0) -> torch.Tensor:
+    """Official `vp_beta_schedule`: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1) / (2T^2)), t = 1..T."""
+    t = torch.arange(1, diffusion_steps + 1, dtype=torch.float64)
+    T = diffusion_steps
+    return 1.0 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)
+
+
+class DDPMSchedule:
+    """Coefficients of q(x_t | x_0) and of the DDPM posterior q(x_{t-1} | x_t, x_0), indexed by t = 0..T-1."""
+
+    def __init__(self, betas: torch.Tensor, device: torch.device):
+        betas = betas.double()
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        coefs = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_std": (0.5 * posterior_variance.clamp(min=1e-20).log()).exp(),
+        }
+        for name, value in coefs.items():
+            setattr(self, name, value.float().to(device))
+        self.T = len(betas)
+        # Python floats for the sampling loop, so a step multiplies by scalars instead of indexing device tensors.
+        self.steps = list(zip(*(coefs[k].tolist() for k in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                                                              "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std"))))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        return self.sqrt_alphas_cumprod[t, None] * x0 + self.sqrt_one_minus_alphas_cumprod[t, None] * eps
+
+
+def reverse_chain(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, x: torch.Tensor,
+                  noise: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """Runs x_T -> x_0, differentiably. obs: [N, S]; x: [N, A] = x_T; noise: [T, N, A], noise[t] is added at step t > 0.
+
+    Each step: x0_hat = clip(x/sqrt(abar_t) - eps * sqrt(1/abar_t - 1), -1, 1), then the posterior mean
+    c1_t x0_hat + c2_t x_t plus posterior_std_t * noise[t], with no noise at the last step (t = 0). Not clipped at
+    the end (the caller clips, as the official `sample`)."""
+    temb = denoiser.time_mlp(denoiser.time_features)  # [T, E], once per chain
+    if backend == "triton":
+        import kernels
+
+        layers = [(m.weight, m.bias) for m in denoiser.net if isinstance(m, nn.Linear)]
+        return kernels.reverse_chain(layers, obs, x, temb, schedule.betas, "xts", noise=noise, clip=1.0)
+    first, rest = denoiser.net[0], denoiser.net[1:]
+    w_x, w_temb, w_obs = first.weight.split([x.shape[1], temb.shape[1], obs.shape[1]], dim=1)
+    obs_proj = F.linear(obs, w_obs, first.bias)  # [N, H]: the state part of layer 1, hoisted out of the loop
+    temb_proj = F.linear(temb, w_temb)  # [T, H]
+    for t in reversed(range(schedule.T)):
+        recip, recipm1, coef1, coef2, std = schedule.steps[t]
+        eps = rest(torch.addmm(obs_proj + temb_proj[t], x, w_x.t()))
+        x0 = (recip * x - recipm1 * eps).clamp(-1.0, 1.0)
+        x = coef1 * x0 + coef2 * x
+        if t > 0:
+            x = x + std * noise[t]
+    return x
+
+
+def sample_actions(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """One action per state [N, S] -> [N, A] in [-1, 1]: x_T ~ N(0, I), the reverse chain, then a final clip."""
+    n, act_dim = obs.shape[0], denoiser.act_dim
+    x = torch.randn(n, act_dim, device=obs.device)
+    noise = torch.randn(schedule.T, n, act_dim, device=obs.device)
+    return reverse_chain(denoiser, schedule, obs, x, noise, backend).clamp(-1.0, 1.0)
+
+
+def bc_loss(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Diffusion behaviour cloning: mean (eps_theta(x_t, t, s) - eps)^2 with t ~ U{0..T-1} per sample."""
+    t = torch.randint(0, schedule.T, (obs.shape[0],), device=obs.device)
+    eps = torch.randn_like(actions)
+    return F.mse_loss(denoiser(schedule.q_sample(actions, t, eps), t, obs), eps)
+
+
+def q_term(q1_new: torch.Tensor, q2_new: torch.Tensor, use_q1: bool) -> torch.Tensor:
+    """The official Q term: -mean(Q_i(s, a_pi)) / mean|Q_j(s, a_pi)| with head i picked at random, j the other head,
+    and the normaliser detached (no gradient through it)."""
+    q_used, q_other = (q1_new, q2_new) if use_q1 else (q2_new, q1_new)
+    return -q_used.mean() / q_other.abs().mean().detach()
+
+
+@torch.no_grad()
+def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], step: int, start: int, every: int,
+               decay: float) -> bool:
+    """Official EMA actor update: ema <- decay * ema + (1 - decay) * actor when step % every == 0 and step >= start.
+    Before `start` the EMA actor stays the initial actor it was copied from. Returns whether it moved."""
+    if step % every != 0 or step < start:
+        return False
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    return True
+
+
+@torch.no_grad()
+def select_actions(actor: Denoiser, qf1: QNetwork, qf2: QNetwork, schedule: DDPMSchedule, obs: torch.Tensor,
+                   num_candidates: int, backend: str = "torch") -> torch.Tensor:
+    """Evaluation action: `num_candidates` samples per state [B, S], one drawn per state with probability
+    softmax(min(Q1, Q2)) over its candidates (temperature 1, as the official `sample_action`). Returns [B, A]."""
+    batch = obs.shape[0]
+    obs_rep = obs.repeat_interleave(num_candidates, 0)  # [B*K, S], the candidates of a state are contiguous
+    actions = sample_actions(actor, schedule, obs_rep, backend)  # [B*K, A]
+    q = torch.min(qf1(obs_rep, actions), qf2(obs_rep, actions)).view(batch, num_candidates)
+    idx = torch.multinomial(torch.softmax(q, dim=1), 1).squeeze(1)  # [B]
+    return actions.view(batch, num_candidates, -1)[torch.arange(batch, device=obs.device), idx]
+
+
+@torch.no_grad()
+def evaluate(envs: list[gym.Env], policy, seed: int, device: torch.device) -> np.ndarray:
+    """One episode per env from fixed seeds, actions for all unfinished envs in one batch: returns [len(envs)]."""
+    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    returns, running = np.zeros(len(envs)), list(range(len(envs)))
+    while running:
+        batch = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=device)
+        actions = policy(batch).clamp(-1.0, 1.0).cpu().numpy()
+        still_running = []
+        for i, action in zip(running, actions):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+            returns[i] += reward
+            if not (terminated or truncated):
+                still_running.append(i)
+        running = still_running
+    return returns
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a crash while writing leaves the previous checkpoint intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def resolve_backend(choice: str, device: torch.device) -> str:
+    """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
+    if choice == "torch":
+        return "torch"
+    try:
+        import kernels
+
+        kernels.reverse_chain  # noqa: B018 (an empty kernels/ folder imports as a namespace package)
+    except (ImportError, AttributeError) as e:
+        if choice == "triton":
+            fail(f"--kernels triton needs the kernels/ package next to {SCRIPT} and triton ({e}); use --kernels torch")
+        return "torch"
+    return "triton" if choice == "triton" or device.type == "cuda" else "torch"
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    checkpoint = None
+    if args.resume:  # the saved (resolved) flags become the defaults; flags given now override them
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
+        check_args(args)
+    args, task = resolve_preset(args)
+    dataset = load_dataset(args.dataset_id)
+    check_spaces(dataset, args.dataset_id)
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    run_name = (checkpoint["run_name"] if checkpoint
+                else f"{args.dataset_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True, resume="allow" if checkpoint else None)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    backend = resolve_backend(args.kernels, device)
+
+    # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
+    data = dataset_tensors(dataset, args.reward_tune, device)
+    num_transitions = data["obs"].shape[0]
+    eval_envs = [make_env(dataset, args.seed + 100 + i, os.path.join(run_dir, "videos") if args.capture_video and i == 0
+                          else None)() for i in range(args.eval_episodes)]
+    metadata = dataset.storage.metadata
+    ref_scores = (metadata["ref_min_score"], metadata["ref_max_score"]) if "ref_max_score" in metadata else None
+    obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
+    print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
+          f"(lr {args.lr}, eta {args.eta}, max_q_backup {args.max_q_backup}, reward {args.reward_tune}, "
+          f"grad_norm {args.grad_norm}, {args.total_timesteps:,} steps); kernels {backend}", flush=True)
+
+    # ALGO LOGIC: initialize agent here
+    actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    ema_actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    qf1, qf2 = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device), QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf1_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf2_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    ema_actor.load_state_dict(actor.state_dict())  # a copy of the initial actor, frozen until step `ema_start`
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
+    for net in (ema_actor, qf1_target, qf2_target):
+        net.requires_grad_(False)
+    critic_params = [*qf1.parameters(), *qf2.parameters()]
+    actor_params = list(actor.parameters())
+    q_optimizer = torch.optim.Adam(critic_params, lr=args.critic_lr)
+    actor_optimizer = torch.optim.Adam(actor_params, lr=args.lr)
+    schedule = DDPMSchedule(vp_beta_schedule(args.diffusion_steps), device)
+    target_params = [*qf1_target.parameters(), *qf2_target.parameters()]
+    ema_params = list(ema_actor.parameters())
+    epochs = args.total_timesteps / 1000  # the official T_max of --lr_decay
+
+    def lr_factor(step: int) -> float:
+        """Official --lr_decay: CosineAnnealingLR(T_max=epochs) stepped once per evaluation (every 50 epochs)."""
+        return 0.5 * (1 + math.cos(math.pi * (step // args.eval_frequency) / epochs)) if args.lr_decay else 1.0
+
+    stateful = {"actor": actor, "ema_actor": ema_actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
+                "qf2_target": qf2_target, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
+    global_step, eval_history = 0, []
+    if checkpoint:
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        global_step, eval_history = checkpoint["global_step"], checkpoint["eval"]
+        set_rng_states(checkpoint["rng"])
+        print(f"resumed {run_name} at step {global_step:,}")
+
+    def write_summary(wall_seconds: float, sps: float) -> None:
+        returns = [e["mean_return"] for e in eval_history]
+        scores = [e["normalized_score"] for e in eval_history if e.get("normalized_score") is not None]
+        summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
+                   "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
+                   "global_step": global_step, "kernels": backend, "device": str(device), "preset": task,
+                   "best_normalized_score": max(scores) if scores else None,
+                   "last_normalized_score": scores[-1] if scores else None}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    def run_evaluation() -> None:
+        policy = lambda obs: select_actions(actor, qf1_target, qf2_target, schedule, obs, args.eval_candidates, backend)  # noqa: E731
+        returns = evaluate(eval_envs, policy, args.seed + 100, device)
+        entry = {"step": global_step, "mean_return": float(returns.mean()), "std_return": float(returns.std())}
+        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+        writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
+        text = f"eval  step {global_step:>10,} | return {returns.mean():10.2f} +- {returns.std():.2f}"
+        if ref_scores:  # x100 of the official get_normalized_score(mean return); std over episodes
+            scores = 100 * (returns - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
+            entry.update(normalized_score=float(scores.mean()), normalized_score_std=float(scores.std()))
+            writer.add_scalar("eval/normalized_score", scores.mean(), global_step)
+            text += f" | normalized {scores.mean():6.1f} +- {scores.std():.1f}"
+        eval_history.append(entry)
+        print(f"{text} ({len(returns)} episodes)", flush=True)
+
+    def checkpoint_state() -> dict:
+        return {**{k: m.state_dict() for k, m in stateful.items()}, "args": {**asdict(args), "resume": None},
+                "run_name": run_name, "global_step": global_step, "eval": eval_history, "rng": rng_states(),
+                "wall_seconds": prior_wall + time.time() - start_time}
+
+    start_time, start_step = time.time(), global_step
+    prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
+    losses = {}
+
+    while global_step < args.total_timesteps:
+        # ALGO LOGIC: training (critic, then actor, then EMA actor and target critic; official order)
+        for group, base in ((actor_optimizer.param_groups[0], args.lr), (q_optimizer.param_groups[0], args.critic_lr)):
+            group["lr"] = base * lr_factor(global_step)
+        idx = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # uniform, with replacement
+        b_obs, b_next_obs, b_actions = data["obs"][idx], data["next_obs"][idx], data["actions"][idx]
+        b_rewards, b_not_dones = data["rewards"][idx], data["not_dones"][idx]
+
+        with torch.no_grad():  # critic target from EMA-actor actions and the target critic, min over the heads
+            if args.max_q_backup:
+                k = args.max_q_backup_samples
+                next_obs_rep = b_next_obs.repeat_interleave(k, 0)  # [B*K, S]
+                next_actions = sample_actions(ema_actor, schedule, next_obs_rep, backend)
+                target_q = torch.min(qf1_target(next_obs_rep, next_actions).view(-1, k).max(1).values,
+                                     qf2_target(next_obs_rep, next_actions).view(-1, k).max(1).values)
+            else:
+                next_actions = sample_actions(ema_actor, schedule, b_next_obs, backend)
+                target_q = torch.min(qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions))
+            td_target = b_rewards + b_not_dones * args.gamma * target_q  # [B]
+
+        qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+        qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
+        q_optimizer.zero_grad()
+        (qf1_loss + qf2_loss).backward()
+        if args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(critic_params, args.grad_norm)
+        q_optimizer.step()
+
+        # actor: diffusion BC + eta * normalised Q of a full reverse chain, backpropagated through every step
+        behaviour_loss = bc_loss(actor, schedule, b_obs, b_actions)
+        new_actions = sample_actions(actor, schedule, b_obs, backend)  # [B, A], with grad
+        for p in critic_params:  # dL/d(critic weights) is discarded by the official code: skip computing it
+            p.requires_grad_(False)
+        ql_loss = q_term(qf1(b_obs, new_actions), qf2(b_obs, new_actions), np.random.uniform() > 0.5)
+        for p in critic_params:
+            p.requires_grad_(True)
+        actor_loss = behaviour_loss + args.eta * ql_loss
+        actor_optimizer.zero_grad()
+        actor_loss.backward()
+        if args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(actor_params, args.grad_norm)
+        actor_optimizer.step()
+
+        update_ema(ema_params, actor_params, global_step, args.ema_start, args.ema_frequency, args.ema_decay)
+        with torch.no_grad():
+            torch._foreach_lerp_(target_params, critic_params, args.tau)
+        global_step += 1
+
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals
+        if global_step % args.log_frequency == 0:
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            losses.update(qf1_loss=qf1_loss, qf2_loss=qf2_loss, qf1_values=qf1_a_values.mean(),
+                          qf2_values=qf2_a_values.mean(), actor_loss=actor_loss, bc_loss=behaviour_loss, ql_loss=ql_loss)
+            values = {k: v.item() for k, v in losses.items()}
+            writer.add_scalar("charts/SPS", sps, global_step)
+            for k, v in values.items():
+                writer.add_scalar(f"losses/{k}", v, global_step)
+            writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            last = eval_history[-1]["mean_return"] if eval_history else float("nan")
+            print(f"step {global_step:>10,} | SPS {sps:>5} | eval {last:10.2f} | qf1_loss {values['qf1_loss']:.4g} | "
+                  f"bc_loss {values['bc_loss']:.4g} | ql_loss {values['ql_loss']:.4g}", flush=True)
+        if global_step % args.eval_frequency == 0 or global_step >= args.total_timesteps:
+            run_evaluation()
+            write_summary(prior_wall + time.time() - start_time, (global_step - start_step) / (time.time() - start_time))
+        if args.save_model and (global_step % args.checkpoint_frequency == 0 or global_step >= args.total_timesteps):
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
+
+    wall = time.time() - start_time
+    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    final = eval_history[-1] if eval_history else {}
+    print(f"done: {global_step:,} gradient steps in {wall:.0f} s; final eval return {final.get('mean_return', float('nan')):.2f}"
+          + (f", normalized {final['normalized_score']:.1f}" if "normalized_score" in final else "")
+          + f"; summary in {os.path.join(run_dir, 'summary.json')}")
+    for env in eval_envs:
+        env.close()
+    writer.close()

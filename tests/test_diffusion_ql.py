@@ -1,0 +1,237 @@
+"""Tests of diffusion_ql.py: the VP schedule, the sampler, the official Q-term normalisation and EMA start, the data
+pipeline, an end-to-end run on a small Hopper-v5 Minari dataset (summary, TensorBoard, resume), the Diffusion-QL
+paper's multimodal bandit, and the one-line errors. All datasets are built in tmp_path; nothing is downloaded."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffusion_ql as dql
+import offline_data
+from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+
+# OpenMP threads that spin while the machine is oversubscribed make a step 10-30x slower; one thread is fast everywhere.
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def minari_root(tmp_path, monkeypatch):
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    return root
+
+
+def script_env(root) -> dict:
+    return {**THREADS, "MINARI_DATASETS_PATH": str(root), "HF_HUB_OFFLINE": "1"}
+
+
+def test_vp_schedule_matches_official_values():
+    schedule = dql.DDPMSchedule(dql.vp_beta_schedule(5), torch.device("cpu"))
+    # values of the official vp_beta_schedule(5) (offline_algorithms.md §1.2)
+    torch.testing.assert_close(schedule.betas, torch.tensor([0.19587, 0.45882, 0.63578, 0.75488, 0.83503]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(schedule.alphas_cumprod, torch.tensor([0.80413, 0.43518, 0.15850, 0.03885, 0.00641]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(schedule.posterior_variance, torch.tensor([0.0, 0.159, 0.427, 0.661, 0.808]), atol=1e-3, rtol=0)
+    assert schedule.posterior_std[0] < 1e-9  # log-variance clamped at 1e-20: std 1e-10, and never used at t = 0
+
+
+def test_sinusoidal_embedding_is_the_official_one():
+    emb = dql.sinusoidal_embedding(torch.tensor([0, 3]), 16)
+    freqs = torch.exp(-torch.arange(8) * math.log(10000) / 7)
+    torch.testing.assert_close(emb[0], torch.cat([torch.zeros(8), torch.ones(8)]))
+    torch.testing.assert_close(emb[1], torch.cat([torch.sin(3 * freqs), torch.cos(3 * freqs)]))
+
+
+def naive_chain(denoiser, schedule, obs, x, noise):
+    """The official p_sample_loop written step by step: eps on cat[x_t, temb(t), s], x0 clamp, posterior mean,
+    posterior std * noise except at t = 0."""
+    for t in reversed(range(schedule.T)):
+        tt = torch.full((obs.shape[0],), t)
+        eps = denoiser(x, tt, obs)
+        x0 = (schedule.sqrt_recip_alphas_cumprod[t] * x - schedule.sqrt_recipm1_alphas_cumprod[t] * eps).clamp(-1, 1)
+        mean = schedule.posterior_mean_coef1[t] * x0 + schedule.posterior_mean_coef2[t] * x
+        x = mean + (t > 0) * schedule.posterior_std[t] * noise[t]
+    return x
+
+
+def test_reverse_chain_matches_the_step_by_step_sampler_and_is_differentiable():
+    torch.manual_seed(0)
+    S, A, N, T = 5, 3, 64, 5
+    denoiser = dql.Denoiser(S, A, 32, 16, T)
+    schedule = dql.DDPMSchedule(dql.vp_beta_schedule(T), torch.device("cpu"))
+    obs, x, noise = torch.randn(N, S), torch.randn(N, A), torch.randn(T, N, A)
+    out = dql.reverse_chain(denoiser, schedule, obs, x, noise)
+    torch.testing.assert_close(out, naive_chain(denoiser, schedule, obs, x, noise), atol=1e-5, rtol=1e-5)
+    noise2 = noise.clone()
+    noise2[0] = 100.0  # noise[0] is never used: no noise at the last step
+    torch.testing.assert_close(dql.reverse_chain(denoiser, schedule, obs, x, noise2), out)
+    out.square().sum().backward()  # gradients reach every parameter through the whole chain
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in denoiser.parameters())
+    actions = dql.sample_actions(denoiser, schedule, 10 * obs)
+    assert actions.shape == (N, A) and actions.abs().max() <= 1.0
+
+
+def test_bc_loss_is_noise_mse_at_uniform_steps():
+    torch.manual_seed(0)
+    denoiser = dql.Denoiser(2, 2, 16, 16, 5)
+    schedule = dql.DDPMSchedule(dql.vp_beta_schedule(5), torch.device("cpu"))
+    obs, actions = torch.randn(32, 2), torch.rand(32, 2) * 2 - 1
+    torch.manual_seed(1)
+    loss = dql.bc_loss(denoiser, schedule, obs, actions)
+    torch.manual_seed(1)
+    t = torch.randint(0, 5, (32,))
+    eps = torch.randn_like(actions)
+    x_t = schedule.sqrt_alphas_cumprod[t, None] * actions + schedule.sqrt_one_minus_alphas_cumprod[t, None] * eps
+    torch.testing.assert_close(loss, F.mse_loss(denoiser(x_t, t, obs), eps))
+
+
+def test_q_term_normalises_by_the_other_heads_mean_abs_q_without_gradient():
+    q1 = torch.tensor([1.0, 3.0, -2.0, 6.0], requires_grad=True)
+    q2 = torch.tensor([-4.0, 2.0, 2.0, 4.0], requires_grad=True)
+    loss = dql.q_term(q1, q2, use_q1=True)
+    assert loss.item() == pytest.approx(-(8 / 4) / 3.0)  # -mean(Q1) / mean|Q2|
+    loss.backward()
+    torch.testing.assert_close(q1.grad, torch.full((4,), -1 / (4 * 3.0)))
+    assert q2.grad is None or q2.grad.abs().sum() == 0  # the normaliser is detached
+    assert dql.q_term(q1, q2, use_q1=False).item() == pytest.approx(-1.0 / 3.0)  # -mean(Q2) / mean|Q1|
+
+
+def test_ema_starts_at_ema_start_every_ema_frequency_steps():
+    ema, online = [torch.zeros(3)], [torch.ones(3)]
+    moved = [dql.update_ema(ema, online, step, start=10, every=5, decay=0.995) for step in range(20)]
+    assert [s for s, m in enumerate(moved) if m] == [10, 15]  # nothing before step 10 (still the initial copy)
+    torch.testing.assert_close(ema[0], torch.full((3,), 1 - 0.995**2))
+
+
+def test_presets_resolve_from_the_dataset_id_and_flags_override_them():
+    assert dql.official_task("mujoco/hopper/medium-v0") == "hopper-medium-v2"
+    assert dql.official_task("D4RL/antmaze/large-diverse-v1") == "antmaze-large-diverse-v0"
+    assert dql.official_task("D4RL/pen/cloned-v2") == "pen-cloned-v1"
+    assert dql.official_task("toy/multimodal-bandit-v0") is None
+    args, task = dql.resolve_preset(dql.Args(dataset_id="D4RL/antmaze/medium-play-v1"))
+    assert task == "antmaze-medium-play-v0"
+    assert (args.lr, args.eta, args.max_q_backup, args.reward_tune, args.grad_norm, args.total_timesteps,
+            args.eval_episodes) == (1e-3, 2.0, True, "cql_antmaze", 2.0, 1_000_000, 100)
+    args, task = dql.resolve_preset(dql.Args(dataset_id="mujoco/walker2d/medium-v0", eta=0.3, total_timesteps=7))
+    assert (task, args.eta, args.grad_norm, args.total_timesteps, args.eval_episodes) == ("walker2d-medium-v2", 0.3, 1.0, 7, 10)
+    args, task = dql.resolve_preset(dql.Args(dataset_id="my/data-v0", preset="kitchen"))
+    assert (task, args.eta, args.total_timesteps) == ("kitchen-partial-v0", 0.005, 1_000_000)
+
+
+def test_dataset_transitions_cut_bootstrap_at_terminations_only(minari_root):
+    dataset = offline_data.make_mujoco_dataset("test/hopper/random-v0", episodes=4, max_steps=30)
+    data = dql.dataset_tensors(dataset, "no", torch.device("cpu"))
+    episodes = list(dataset.iterate_episodes())
+    assert data["obs"].shape == (sum(len(ep.rewards) for ep in episodes), 11)
+    start = 0
+    for ep in episodes:
+        n = len(ep.rewards)
+        torch.testing.assert_close(data["obs"][start:start + n], torch.as_tensor(ep.observations[:-1], dtype=torch.float32))
+        torch.testing.assert_close(data["next_obs"][start:start + n], torch.as_tensor(ep.observations[1:], dtype=torch.float32))
+        expected_last = 0.0 if ep.terminations[-1] else 1.0  # truncated episodes keep bootstrapping
+        assert data["not_dones"][start + n - 1].item() == expected_last
+        assert data["not_dones"][start:start + n - 1].eq(1).all()
+        start += n
+    tuned = dql.dataset_tensors(dataset, "cql_antmaze", torch.device("cpu"))
+    torch.testing.assert_close(tuned["rewards"], (data["rewards"] - 0.5) * 4)
+
+
+def test_end_to_end_on_a_small_hopper_dataset_with_resume(minari_root, tmp_path):
+    offline_data.make_mujoco_dataset("test/hopper/random-v0", episodes=4, max_steps=30)
+    common = ["--dataset-id", "test/hopper/random-v0", "--hidden-dim", "32", "--batch-size", "32", "--eval-frequency",
+              "10", "--eval-episodes", "2", "--eval-candidates", "4", "--log-frequency", "5", "--save-model",
+              "--checkpoint-frequency", "10", "--seed", "3"]
+    run_script("diffusion_ql.py", *common, "--total-timesteps", "20", cwd=tmp_path, env=script_env(minari_root), timeout=300)
+    (run_dir,) = run_dirs(tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["global_step"] == 20 and [e["step"] for e in summary["eval"]] == [10, 20]
+    for key in ("args", "final_eval_return", "best_eval_return", "sps", "wall_seconds", "best_normalized_score",
+                "last_normalized_score"):
+        assert key in summary
+    assert summary["preset"] == "hopper-medium-v2" and summary["args"]["eta"] == 1.0
+    last = summary["eval"][-1]
+    assert last["normalized_score"] == pytest.approx(100 * (last["mean_return"] + 20.0) / 3254.0)
+    scalars = tensorboard_scalars(run_dir)
+    for tag in ("charts/SPS", "losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/qf1_values",
+                "losses/actor_loss", "losses/bc_loss", "losses/ql_loss", "eval/episodic_return",
+                "eval/episodic_return_std", "eval/normalized_score"):
+        assert tag in scalars, tag
+    assert all(math.isfinite(v) for _, v in scalars["losses/actor_loss"])
+    run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "30", cwd=tmp_path,
+               env=script_env(minari_root), timeout=300)
+    assert run_dirs(tmp_path) == [run_dir]  # same run directory
+    resumed = read_summary(run_dir)
+    assert resumed["global_step"] == 30 and [e["step"] for e in resumed["eval"]] == [10, 20, 30]
+    assert resumed["args"]["hidden_dim"] == 32  # saved flags are kept
+
+
+def bandit_modes(run_dir, radius: float, samples: int = 2000) -> np.ndarray:
+    """Fraction of the trained actor's actions within `radius` of each bandit mode: [off-mode, mode 0 (best), ..., 3]."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    a = ckpt["args"]
+    actor = dql.Denoiser(1, 2, a["hidden_dim"], a["time_dim"], a["diffusion_steps"])
+    actor.load_state_dict(ckpt["actor"])
+    schedule = dql.DDPMSchedule(dql.vp_beta_schedule(a["diffusion_steps"]), torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        actions = dql.sample_actions(actor, schedule, torch.zeros(samples, 1)).numpy()
+    modes = offline_data.bandit_mode_of(actions, radius)
+    return np.array([(modes == k).mean() for k in range(-1, len(offline_data.BANDIT_MODES))])
+
+
+def test_bandit_bc_keeps_all_modes_and_diffusion_ql_picks_the_best(minari_root, tmp_path):
+    """The paper's toy (Fig. 1) with T = 5: eta = 0 is pure diffusion BC and must spread its samples over all four
+    modes; eta = 1 must put most samples on the best mode. Both runs go in parallel (one thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    offline_data.make_bandit_dataset("toy/multimodal-bandit-v0", episodes=1000)
+    # BC needs more, faster steps to cover the modes; the Q term pulls towards the best mode much sooner
+    runs = {"bc": ("0", "1e-2", "1000"), "ql": ("1", "3e-3", "600")}
+
+    def train(name):
+        eta, lr, steps = runs[name]
+        cwd = tmp_path / name
+        cwd.mkdir()
+        run_script("diffusion_ql.py", "--dataset-id", "toy/multimodal-bandit-v0", "--eta", eta, "--lr", lr,
+                   "--batch-size", "128", "--hidden-dim", "64", "--total-timesteps", steps, "--eval-frequency", steps,
+                   "--eval-episodes", "5", "--log-frequency", "200", "--save-model", cwd=cwd, env=script_env(minari_root),
+                   timeout=900)
+        return run_dirs(cwd)[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        bc_dir, ql_dir = pool.map(train, ["bc", "ql"])
+    bc, ql = bandit_modes(bc_dir, radius=0.45), bandit_modes(ql_dir, radius=0.3)
+    assert (bc[1:] > 0.08).all() and bc[0] < 0.5 and bc[1:].max() < 0.35, f"BC should cover all 4 modes evenly: {bc}"
+    assert ql[1] > 0.6 and ql[1] > 3 * ql[2:].max(), f"Diffusion-QL should concentrate on the best mode, got {ql}"
+    assert read_summary(ql_dir)["last_normalized_score"] is not None  # the bandit dataset carries ref scores
+
+
+def test_recovered_bandit_env_rewards_the_best_mode(minari_root):
+    import minari
+
+    offline_data.make_bandit_dataset("toy/bandit-small-v0", episodes=20)
+    env = minari.load_dataset("toy/bandit-small-v0").recover_environment(eval_env=True)
+    env.reset(seed=0)
+    rewards = [env.step(mode)[1] for mode in offline_data.BANDIT_MODES]
+    assert rewards == pytest.approx(list(offline_data.BANDIT_MODE_REWARDS), rel=1e-4)
+
+
+def test_missing_dataset_is_a_one_line_error(minari_root, tmp_path):
+    proc = run_script("diffusion_ql.py", "--dataset-id", "nowhere/missing-v0", cwd=tmp_path, check=False,
+                      env=script_env(minari_root))
+    assert_one_line_error(proc, "nowhere/missing-v0", "minari download")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--preset", "bogus"], "--preset"),
+    (["--num-envs", "2"], "--num-envs"),
+    (["--eta", "-1"], "--eta"),
+    (["--resume", "no/such/checkpoint.pt"], "--resume"),
+])
+def test_bad_flags_are_one_line_errors(flags, needle, minari_root, tmp_path):
+    proc = run_script("diffusion_ql.py", *flags, cwd=tmp_path, check=False, env=script_env(minari_root))
+    assert_one_line_error(proc, needle)
