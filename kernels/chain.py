@@ -115,9 +115,6 @@ def _chain_fwd_kernel(
         seed = tl.load(seed_ptr)
     buf0 = hs_ptr + rows[:, None] * H
     buf1 = hs_ptr + GBM * H + rows[:, None] * H
-    # Layer-1/4 weights are tiny ([H, A_PAD]): loaded once, outside the step loop.
-    w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
-    b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
     tl.debug_barrier()  # sp scratch visible to every thread of the CTA
 
     for i in range(T):
@@ -156,6 +153,9 @@ def _chain_fwd_kernel(
         tl.debug_barrier()
         h = tl.load(buf0 + cols_h[None, :])
         # ---- layer 4: eps [BM, A_PAD]; pad columns are exactly 0 (masked W4 rows and b4) ----
+        # W4^T [H, A_PAD] is re-read every step (L1/L2 hit) rather than held in registers across the loop
+        w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
+        b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
         eps = tl.dot(h, w4, input_precision=PREC, out_dtype=ACC) + b4[None, :]
         tl.debug_barrier()  # buf0 is rewritten by the next step's layer 1
 
@@ -220,9 +220,6 @@ def _chain_bwd_kernel(
     xa_mask = rmask[:, None] & amask[None, :]
 
     g = tl.load(gout_ptr + rows[:, None] * go_s0 + cols_a[None, :] * go_s1, mask=xa_mask, other=0.0).to(ACC)
-    w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
-    b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
-    w1x = tl.load(w1x_ptr + cols_h[:, None] * w1x_s0 + cols_a[None, :] * w1x_s1, mask=amask[None, :], other=0.0)
 
     for t in range(T):  # sampling ran t = T-1 .. 0, so the gradient flows t = 0 .. T-1
         zrow = (t * N + rows[:, None]) * H  # row offset inside one [T, N, H] slab
@@ -236,6 +233,8 @@ def _chain_bwd_kernel(
         gx0 = c1 * g
         if HAS_CLIP:
             z3 = tl.load(wsz_ptr + 2 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0)
+            w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
+            b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
             eps = tl.dot(_mish(z3).to(DT), w4, input_precision=PREC, out_dtype=ACC) + b4[None, :]
             x0 = sra * xin - srm1 * eps
             gx0 = tl.where((x0 >= -clip_val) & (x0 <= clip_val), gx0, 0.0)
@@ -273,6 +272,7 @@ def _chain_bwd_kernel(
         tl.debug_barrier()
         dfull = tl.load(wsd_ptr + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
         # ---- layer 1 -> dL/dx_t += d1 @ W1x ----
+        w1x = tl.load(w1x_ptr + cols_h[:, None] * w1x_s0 + cols_a[None, :] * w1x_s1, mask=amask[None, :], other=0.0)
         gx += tl.dot(dfull, w1x, input_precision=PREC, out_dtype=ACC)
         g = gx
 
@@ -426,14 +426,15 @@ class _ReverseChainFn(torch.autograd.Function):
         p = _Problem(state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise)
         out, (wsx, wsz) = _forward(p, training=True)
         ctx.problem = p
-        ctx.save_for_backward(wsx, wsz)
+        p.tensors = None  # the backward rebuilds them from saved tensors (autograd's in-place version checks)
+        ctx.save_for_backward(wsx, wsz, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef)
         return out
 
     @staticmethod
     def backward(ctx, gout):
         p: _Problem = ctx.problem
-        wsx, wsz = ctx.saved_tensors
-        state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed = p.tensors
+        wsx, wsz, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef = ctx.saved_tensors
+        p.tensors = (state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, None, None)
         wsd, wsd4, dsp, dx = _backward(p, gout.contiguous(), wsx, wsz)
         acc, H, A, S = p.acc, p.H, p.A, p.S
         need = ctx.needs_input_grad  # (meta, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, ...)

@@ -397,3 +397,14 @@ def test_coefficient_cache_follows_in_place_edits_of_betas():
     ref = reverse_chain_reference(layers, state, x, temb, linear_betas(3), "sxt", noise=noise, clip=None)
     torch.testing.assert_close(second.cpu(), ref, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(first, second)
+
+
+def test_in_place_weight_update_before_backward_is_detected():
+    layers, state, x, temb, noise, betas = _problem(4, 2, 16, 16, 3, 5, "vp")
+    lk, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    w2 = lk[1][0].requires_grad_()
+    out = kernels.reverse_chain(lk, s, xx, te, betas, "sxt", noise=nz)
+    with torch.no_grad():
+        w2.add_(1.0)  # e.g. an optimizer step between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
