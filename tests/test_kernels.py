@@ -21,7 +21,7 @@ import kernels
 import kernels.chain as kchain
 from kernels.reference import (SCHEDULES, cosine_betas, ddpm_coefficients, linear_betas, make_layers, mlp_forward,
                                reverse_chain_reference, vp_betas)
-from tests.helpers import REPO, read_summary, run_dirs, run_script
+from helpers import REPO, read_summary, run_dirs, run_script
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
