@@ -546,7 +546,7 @@ if __name__ == "__main__":
     start_time, start_step = time.time(), global_step
     prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
     episode_returns, episode_lengths = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    last_return, losses = float("nan"), {}
+    last_return, losses, last_log = float("nan"), {}, (global_step, start_time)
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed + global_step)
@@ -625,8 +625,9 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals
         if global_step // args.log_frequency > prev_step // args.log_frequency:
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+            now = time.time()
+            writer.add_scalar("charts/SPS", int((global_step - start_step) / (now - start_time)), global_step)
+            sps, last_log = int((global_step - last_log[0]) / (now - last_log[1])), (global_step, now)  # recent SPS
             writer.add_scalar("losses/alpha", alpha, global_step)  # omega, the entropy-row weight
             values = {k: v.item() for k, v in losses.items()}
             for k, v in values.items():
