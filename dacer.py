@@ -10,8 +10,8 @@ the exploration noise and is tuned every 10k updates from a Gaussian-mixture ent
 Deviations from the official code (each deliberate; README.md#dacer explains them):
 1. Gymnasium 1.x MuJoCo v5 envs (the official code ran v3 through mujoco-py).
 2. The entropy estimate fits the 3-component full-covariance Gaussian mixtures with a batched EM in PyTorch on the
-   training device (k-means++ seeding, 10 Lloyd steps, then a fixed 100 EM iterations, reg_covar 1e-6) instead of
-   256 scikit-learn fits on the CPU (k-means init, up to 100 iterations, tol 1e-3); the entropy formula is the same.
+   training device (greedy k-means++ seeding, 10 Lloyd steps, then a fixed 100 EM iterations, reg_covar 1e-6)
+   instead of 256 scikit-learn fits on the CPU (k-means init, up to 100 iterations, tol 1e-3); same entropy formula.
 3. The presets the official code leaves to comments or flags are resolved from the env id: Humanoid gets 512-wide
    nets and a 2e5 warm-up, everything else 256 and 3e4; the noise factor is 0.15 for Humanoid and HalfCheetah and
    0.1 elsewhere. Each can be overridden by its flag.
