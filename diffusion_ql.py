@@ -16,6 +16,10 @@ Deviations from the official code (each deliberate; README.md#diffusion_ql expla
    DDPM coefficients are Python floats, the critic's weight gradients are not computed in the actor backward (the
    official code computes and then discards them), and the twin Q heads are two modules (official: one module).
 4. The DDPM coefficients are computed in float64 and cast to float32 (official: float32 throughout; ~1e-7 relative).
+5. Dict observations of flat Boxes (Minari's antmaze and kitchen: observation + goals) are concatenated in sorted key
+   order, in the dataset and in the eval env alike; D4RL's flat observations had no goal entries.
+6. Datasets with no official twin get a family preset (the row of hopper-medium, antmaze-medium-diverse, pen-human or
+   kitchen-partial), and the normalised score uses the dataset's own reference scores, never D4RL's.
 Official quirks kept: the EMA actor is a copy of the initial actor and only starts moving at step 1000, so the first
 1000 critic targets use the untrained policy; `--lr-decay` is the official cosine schedule stepped once per
 evaluation (every 50k steps) over T_max = epochs, which leaves the lr at ~0.999x of its start, i.e. no decay;
@@ -244,7 +248,8 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
     rewards [N] (after the reward transform) and not_dones [N] (0 only where the episode terminated)."""
     obs, next_obs, actions, rewards, terminals = [], [], [], [], []
     for ep in dataset.iterate_episodes():
-        obs.append(ep.observations[:-1]), next_obs.append(ep.observations[1:]), actions.append(ep.actions)
+        ep_obs = flatten_obs(ep.observations, dataset.observation_space)  # [T+1, S]
+        obs.append(ep_obs[:-1]), next_obs.append(ep_obs[1:]), actions.append(ep.actions)
         rewards.append(ep.rewards), terminals.append(ep.terminations)
     low, high = dataset.action_space.low, dataset.action_space.high
     actions = 2.0 * (np.concatenate(actions) - low) / (high - low) - 1.0
@@ -259,10 +264,22 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in {**data, "rewards": rewards}.items()}
 
 
+def flatten_obs(obs, space: gym.spaces.Space) -> np.ndarray:
+    """[..., S] float array of a Box observation, or of a Dict of Box observations (antmaze, kitchen: observation +
+    goals) concatenated in sorted key order, for the dataset ([T+1] per key) and the eval env alike."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(*np.shape(obs[k])[:-1], -1)
+                               for k in sorted(space.spaces)], axis=-1)
+    return np.asarray(obs, dtype=np.float32)
+
+
 def check_spaces(dataset, dataset_id: str) -> None:
-    for what, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
-        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-            fail(f"{dataset_id} has a {type(space).__name__} {what} space {space}; {SCRIPT} needs flat Box spaces")
+    obs_space = dataset.observation_space
+    subspaces = obs_space.spaces.values() if isinstance(obs_space, gym.spaces.Dict) else [obs_space]
+    for what, spaces in (("observation", subspaces), ("action", [dataset.action_space])):
+        if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1 for space in spaces):
+            fail(f"{dataset_id} has the {what} space {obs_space if what == 'observation' else dataset.action_space}; "
+                 f"{SCRIPT} needs flat Box spaces (observations may be a Dict of flat Boxes)")
     if not (np.all(np.isfinite(dataset.action_space.low)) and np.all(np.isfinite(dataset.action_space.high))):
         fail(f"{dataset_id} has unbounded actions; the diffusion policy needs finite Box bounds")
 
@@ -277,6 +294,10 @@ def make_env(dataset, seed: int, video_dir: str | None = None):
             fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
         if video_dir:
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+        if isinstance(env.observation_space, gym.spaces.Dict):  # same flattening as the dataset's observations
+            size = sum(int(np.prod(s.shape)) for s in env.observation_space.spaces.values())
+            box = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+            env = gym.wrappers.TransformObservation(env, lambda o, space=env.observation_space: flatten_obs(o, space), box)
         ones = np.ones(env.action_space.shape, dtype=np.float32)
         env = gym.wrappers.RescaleAction(env, -ones, ones)
         env.action_space.seed(seed)
@@ -577,11 +598,14 @@ if __name__ == "__main__":
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
                    "global_step": global_step, "kernels": backend, "device": str(device), "preset": task,
                    "best_normalized_score": max(scores) if scores else None,
-                   "last_normalized_score": scores[-1] if scores else None}
+                   "last_normalized_score": scores[-1] if scores else None,
+                   "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / max(global_step - start_step, 1)}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
 
     def run_evaluation() -> None:
+        global eval_seconds
+        eval_start = time.time()
         policy = lambda obs: select_actions(actor, qf1_target, qf2_target, schedule, obs, args.eval_candidates, backend)  # noqa: E731
         returns = evaluate(eval_envs, policy, args.seed + 100, device)
         entry = {"step": global_step, "mean_return": float(returns.mean()), "std_return": float(returns.std())}
@@ -594,6 +618,7 @@ if __name__ == "__main__":
             writer.add_scalar("eval/normalized_score", scores.mean(), global_step)
             text += f" | normalized {scores.mean():6.1f} +- {scores.std():.1f}"
         eval_history.append(entry)
+        eval_seconds += time.time() - eval_start
         print(f"{text} ({len(returns)} episodes)", flush=True)
 
     def checkpoint_state() -> dict:
@@ -603,7 +628,7 @@ if __name__ == "__main__":
 
     start_time, start_step = time.time(), global_step
     prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
-    losses = {}
+    losses, eval_seconds = {}, 0.0  # time spent in evaluation, left out of train_ms_per_step
 
     while global_step < args.total_timesteps:
         # ALGO LOGIC: training (critic, then actor, then EMA actor and target critic; official order)

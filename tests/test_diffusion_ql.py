@@ -4,6 +4,7 @@ paper's multimodal bandit, and the one-line errors. All datasets are built in tm
 
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -74,6 +75,24 @@ def test_reverse_chain_matches_the_step_by_step_sampler_and_is_differentiable():
     assert actions.shape == (N, A) and actions.abs().max() <= 1.0
 
 
+def test_triton_reverse_chain_matches_torch_values_and_gradients():
+    """--kernels triton routes the chain through kernels.reverse_chain (order "xts"); on CPU via the interpreter."""
+    torch.manual_seed(0)
+    S, A, N, T = 5, 3, 8, 5
+    denoiser = dql.Denoiser(S, A, 16, 16, T)
+    schedule = dql.DDPMSchedule(dql.vp_beta_schedule(T), torch.device("cpu"))
+    obs, x, noise = torch.randn(N, S), torch.randn(N, A), torch.randn(T, N, A)
+    grads = {}
+    for backend in ("torch", "triton"):
+        denoiser.zero_grad()
+        out = dql.reverse_chain(denoiser, schedule, obs, x, noise, backend)
+        out.square().sum().backward()
+        grads[backend] = (out.detach(), [p.grad.clone() for p in denoiser.parameters()])
+    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], atol=1e-5, rtol=1e-5)
+    for g_triton, g_torch in zip(grads["triton"][1], grads["torch"][1]):
+        torch.testing.assert_close(g_triton, g_torch, atol=1e-4, rtol=1e-4)
+
+
 def test_bc_loss_is_noise_mse_at_uniform_steps():
     torch.manual_seed(0)
     denoiser = dql.Denoiser(2, 2, 16, 16, 5)
@@ -139,6 +158,37 @@ def test_dataset_transitions_cut_bootstrap_at_terminations_only(minari_root):
     torch.testing.assert_close(tuned["rewards"], (data["rewards"] - 0.5) * 4)
 
 
+class DictObsEnv(offline_data.MultimodalBanditEnv):
+    """The bandit with a goal-style Dict observation, like Minari's antmaze and kitchen datasets."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.observation_space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (3,)),
+                                                  "desired_goal": gym.spaces.Box(-1, 1, (2,))})
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return {"observation": np.full(3, 0.5, np.float32), "desired_goal": np.full(2, -0.5, np.float32)}, {}
+
+
+def test_dict_observations_are_flattened_the_same_way_for_data_and_eval_env():
+    space = DictObsEnv().observation_space
+    episode_obs = {"observation": np.arange(12.0).reshape(4, 3), "desired_goal": -np.arange(8.0).reshape(4, 2)}
+    flat = dql.flatten_obs(episode_obs, space)  # [T+1, 5], keys in sorted order: desired_goal, observation
+    np.testing.assert_array_equal(flat[1], [-2, -3, 3, 4, 5])
+
+    class FakeDataset:
+        observation_space = space
+
+        def recover_environment(self, eval_env=False, **kwargs):
+            return DictObsEnv(**kwargs)
+
+    env = dql.make_env(FakeDataset(), seed=0)()
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(obs, [-0.5, -0.5, 0.5, 0.5, 0.5])
+    assert env.observation_space.shape == (5,)
+
+
 def test_end_to_end_on_a_small_hopper_dataset_with_resume(minari_root, tmp_path):
     offline_data.make_mujoco_dataset("test/hopper/random-v0", episodes=4, max_steps=30)
     common = ["--dataset-id", "test/hopper/random-v0", "--hidden-dim", "32", "--batch-size", "32", "--eval-frequency",
@@ -160,12 +210,14 @@ def test_end_to_end_on_a_small_hopper_dataset_with_resume(minari_root, tmp_path)
                 "eval/episodic_return_std", "eval/normalized_score"):
         assert tag in scalars, tag
     assert all(math.isfinite(v) for _, v in scalars["losses/actor_loss"])
-    run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "30", cwd=tmp_path,
-               env=script_env(minari_root), timeout=300)
+    # flags given with --resume override the saved ones: this also runs the max-Q backup and reward-normalise paths
+    run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "30",
+               "--max-q-backup", "True", "--max-q-backup-samples", "3", "--reward-tune", "normalize", "--lr-decay",
+               cwd=tmp_path, env=script_env(minari_root), timeout=300)
     assert run_dirs(tmp_path) == [run_dir]  # same run directory
     resumed = read_summary(run_dir)
     assert resumed["global_step"] == 30 and [e["step"] for e in resumed["eval"]] == [10, 20, 30]
-    assert resumed["args"]["hidden_dim"] == 32  # saved flags are kept
+    assert resumed["args"]["hidden_dim"] == 32 and resumed["args"]["max_q_backup"] is True  # saved flags kept, new win
 
 
 def bandit_modes(run_dir, radius: float, samples: int = 2000) -> np.ndarray:
@@ -225,13 +277,21 @@ def test_missing_dataset_is_a_one_line_error(minari_root, tmp_path):
     assert_one_line_error(proc, "nowhere/missing-v0", "minari download")
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--batch-size", "0"], "--batch-size"),
-    (["--preset", "bogus"], "--preset"),
-    (["--num-envs", "2"], "--num-envs"),
-    (["--eta", "-1"], "--eta"),
-    (["--resume", "no/such/checkpoint.pt"], "--resume"),
+@pytest.mark.parametrize("overrides, needle", [
+    ({"batch_size": 0}, "--batch-size"),
+    ({"preset": "bogus"}, "--preset"),
+    ({"num_envs": 2}, "--num-envs"),
+    ({"eta": -1.0}, "--eta"),
+    ({"time_dim": 3}, "--time-dim"),
+    ({"resume": "no/such/checkpoint.pt"}, "--resume"),
 ])
-def test_bad_flags_are_one_line_errors(flags, needle, minari_root, tmp_path):
-    proc = run_script("diffusion_ql.py", *flags, cwd=tmp_path, check=False, env=script_env(minari_root))
-    assert_one_line_error(proc, needle)
+def test_check_args_rejects_bad_values_with_one_line(overrides, needle):
+    with pytest.raises(SystemExit) as exc:
+        dql.check_args(dql.Args(**overrides))
+    message = str(exc.value.code)
+    assert message.startswith("diffusion_ql.py: error:") and needle in message and "\n" not in message
+
+
+def test_bad_flag_from_the_command_line_is_a_one_line_error(minari_root, tmp_path):
+    proc = run_script("diffusion_ql.py", "--batch-size", "0", cwd=tmp_path, check=False, env=script_env(minari_root))
+    assert_one_line_error(proc, "--batch-size")
