@@ -314,14 +314,14 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float):
     return c_skip, c_out, c_in
 
 
-def sample_sigma(n: int, sigma_data: float, sigma_min: float, sigma_max: float, device, generator=None):
+def sample_sigma(n: int, sigma_data: float, sigma_min: float, sigma_max: float, device) -> torch.Tensor:
     """Truncated log-logistic noise levels: log(sigma) ~ Logistic(loc=ln sigma_data, scale=0.5) restricted to
     [sigma_min, sigma_max] by inverse-CDF sampling in float64 (official `rand_log_logistic`). -> [n] float32."""
     loc, scale = math.log(sigma_data), 0.5
     # CDF bounds of the truncation, in Python float64 (no device tensors built per call)
     lo = 1 / (1 + math.exp(-(math.log(sigma_min) - loc) / scale))
     hi = 1 / (1 + math.exp(-(math.log(sigma_max) - loc) / scale))
-    u = torch.rand(n, dtype=torch.float64, device=device, generator=generator) * (hi - lo) + lo
+    u = torch.rand(n, dtype=torch.float64, device=device) * (hi - lo) + lo
     return (torch.logit(u) * scale + loc).exp().float()
 
 
