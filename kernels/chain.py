@@ -296,6 +296,11 @@ def _config(N: int, H: int, dtype: torch.dtype) -> dict:
     is still split in two chunks so the chunked code path is the one the tests exercise."""
     if _interpreting():
         return {"BM": 16 if N <= 64 else 128, "BN": max(16, H // 2), "BK": 32, "num_warps": 4}
+    return _config_gpu(N, H, dtype)
+
+
+def _config_gpu(N: int, H: int, dtype: torch.dtype) -> dict:
+    """GPU block sizes (first choices, untuned: no GPU was available; see README)."""
     bm = 16 if N <= 4096 else 32
     bn = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
     return {"BM": bm, "BN": min(bn, H), "BK": 32, "num_warps": 4}
