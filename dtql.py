@@ -23,12 +23,16 @@ Deviations from the official code (each deliberate; README.md#dtql explains them
    folder and silently reloaded by any later run with the same folder.
 4. The main loop runs exactly `total_timesteps` steps (official `while it < max + 1`: one extra step, whose cosine lr
    has started rising again).
-5. State the official code builds but never reads is not built: the EMA copies of the BC model and of the one-step
+5. Objects the official code builds but never reads are not built: the EMA copies of the BC model and of the one-step
    policy, and the per-iteration `env.reset()` of the training env.
 6. Speed, same math: the IQL critic loss evaluates Q1, Q2 once and detaches their min for the value target (the
    official code runs a second no-grad forward of the same nets on the same inputs), and the policy backward computes
    gradients for the policy only (the official code also fills .grad of the BC model and the critic, which is zeroed
    before those are stepped).
+7. Dict observations of flat Boxes (Minari's antmaze and kitchen: observation + goals) are concatenated in sorted key
+   order, in the dataset and in the eval env alike; D4RL's flat observations had no goal entries.
+8. Datasets with no official twin get a family preset (the row of hopper-medium, antmaze-medium-diverse, pen-human or
+   kitchen-partial), and the normalised score uses the dataset's own reference scores, never D4RL's.
 Official quirks kept: the trust-region loss samples its own sigma and noise; the critic's lr (hard-coded 3e-4) also
 follows the cosine decay; the target critic is not updated during pretraining and is used only to rank evaluation
 candidates; evaluation draws 1 of 1024 *stochastic* policy samples by softmax(min target Q) (`--eval-deterministic`
@@ -264,7 +268,8 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
     rewards [N, 1] (after the reward transform) and not_dones [N, 1] (0 only where the episode terminated)."""
     obs, next_obs, actions, rewards, terminals = [], [], [], [], []
     for ep in dataset.iterate_episodes():
-        obs.append(ep.observations[:-1]), next_obs.append(ep.observations[1:]), actions.append(ep.actions)
+        ep_obs = flatten_obs(ep.observations, dataset.observation_space)  # [T+1, S]
+        obs.append(ep_obs[:-1]), next_obs.append(ep_obs[1:]), actions.append(ep.actions)
         rewards.append(ep.rewards), terminals.append(ep.terminations)
     low, high = dataset.action_space.low, dataset.action_space.high
     actions = 2.0 * (np.concatenate(actions) - low) / (high - low) - 1.0
@@ -276,10 +281,22 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
     return {k: torch.as_tensor(v, dtype=torch.float32).to(device) for k, v in data.items()}
 
 
+def flatten_obs(obs, space: gym.spaces.Space) -> np.ndarray:
+    """[..., S] float array of a Box observation, or of a Dict of Box observations (antmaze, kitchen: observation +
+    goals) concatenated in sorted key order, for the dataset ([T+1] per key) and the eval env alike."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(*np.shape(obs[k])[:-1], -1)
+                               for k in sorted(space.spaces)], axis=-1)
+    return np.asarray(obs, dtype=np.float32)
+
+
 def check_spaces(dataset, dataset_id: str) -> None:
-    for what, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
-        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-            fail(f"{dataset_id} has a {type(space).__name__} {what} space {space}; {SCRIPT} needs flat Box spaces")
+    obs_space = dataset.observation_space
+    subspaces = obs_space.spaces.values() if isinstance(obs_space, gym.spaces.Dict) else [obs_space]
+    for what, spaces in (("observation", subspaces), ("action", [dataset.action_space])):
+        if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1 for space in spaces):
+            fail(f"{dataset_id} has the {what} space {obs_space if what == 'observation' else dataset.action_space}; "
+                 f"{SCRIPT} needs flat Box spaces (observations may be a Dict of flat Boxes)")
     if not (np.all(np.isfinite(dataset.action_space.low)) and np.all(np.isfinite(dataset.action_space.high))):
         fail(f"{dataset_id} has unbounded actions; the tanh policy needs finite Box bounds")
 
@@ -295,6 +312,10 @@ def make_env(dataset, seed: int, video_dir: str | None = None):
             fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
         if video_dir:
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
+        if isinstance(env.observation_space, gym.spaces.Dict):  # same flattening as the dataset's observations
+            size = sum(int(np.prod(s.shape)) for s in env.observation_space.spaces.values())
+            box = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+            env = gym.wrappers.TransformObservation(env, lambda o, space=env.observation_space: flatten_obs(o, space), box)
         ones = np.ones(env.action_space.shape, dtype=np.float32)
         env = gym.wrappers.RescaleAction(env, -ones, ones)
         env.action_space.seed(seed)
@@ -615,11 +636,20 @@ if __name__ == "__main__":
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
                    "global_step": global_step, "pretrain_steps": args.pretrain_steps, "kernels": "none (no reverse chain)",
                    "device": str(device), "preset": task, "best_normalized_score": max(scores) if scores else None,
-                   "last_normalized_score": scores[-1] if scores else None}
+                   "last_normalized_score": scores[-1] if scores else None,
+                   # wall ms per gradient step of this session without evaluation: all steps, and main-loop steps only
+                   "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / max(global_step - start_step, 1),
+                   "main_ms_per_step": (1000 * (time.time() - main_start[1] - main_eval_seconds())
+                                        / max(global_step - main_start[0], 1)) if main_start else None}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
 
+    def main_eval_seconds() -> float:  # evaluation time since the main loop started in this session
+        return eval_seconds - main_start[2]
+
     def run_evaluation() -> None:
+        global eval_seconds
+        eval_start = time.time()
         policy = lambda obs: select_actions(actor, critic_target, obs, args.eval_candidates, args.eval_deterministic)  # noqa: E731
         returns = evaluate(eval_envs, policy, args.seed + 100, device)
         entry = {"step": global_step, "mean_return": float(returns.mean()), "std_return": float(returns.std())}
@@ -632,6 +662,7 @@ if __name__ == "__main__":
             writer.add_scalar("eval/normalized_score", scores.mean(), global_step)
             text += f" | normalized {scores.mean():6.1f} +- {scores.std():.1f}"
         eval_history.append(entry)
+        eval_seconds += time.time() - eval_start
         print(f"{text} ({len(returns)} episodes)", flush=True)
 
     def checkpoint_state() -> dict:
@@ -657,12 +688,15 @@ if __name__ == "__main__":
 
     start_time, start_step = time.time(), global_step
     prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
-    losses = {}
+    losses, eval_seconds = {}, 0.0  # time spent in evaluation, left out of the ms-per-step figures
+    main_start = None  # (global_step, time, eval_seconds) when this session's first main-loop step began
 
     while global_step < total_steps:
         # ALGO LOGIC: training. Pretraining (official `pretrain`): BC diffusion, then critic, no lr schedule, no target
         # update. Main loop (official `train`): critic, BC diffusion, one-step policy, target critic, cosine lr.
         pretraining = global_step < args.pretrain_steps
+        if not pretraining and main_start is None:
+            main_start = (global_step, time.time(), eval_seconds)
         if not pretraining and args.lr_decay:
             for opt, base in optimizers:
                 opt.param_groups[0]["lr"] = base * cosine_factor(global_step - args.pretrain_steps, args.total_timesteps)

@@ -3,6 +3,7 @@ multimodal bandit and the error paths."""
 
 import math
 
+import gymnasium as gym
 import numpy as np
 import offline_data
 import pytest
@@ -232,7 +233,7 @@ def test_smoke_run_logs_and_resumes_exactly(tmp_path, minari_root):
     assert summary["global_step"] == 30 and summary["pretrain_steps"] == 10 and summary["preset"] == "hopper-medium-v2"
     assert [e["step"] for e in summary["eval"]] == [20, 30]
     for key in ("final_eval_return", "best_eval_return", "sps", "wall_seconds", "best_normalized_score",
-                "last_normalized_score"):
+                "last_normalized_score", "train_ms_per_step", "main_ms_per_step"):
         assert summary[key] is not None, key
     assert summary["last_normalized_score"] == pytest.approx(summary["eval"][-1]["normalized_score"])
     scalars = tensorboard_scalars(run_dir)
@@ -304,3 +305,10 @@ def test_check_args_rejects_bad_values(changes, needle):
         dtql.check_args(dtql.Args(**changes))
     assert str(exc.value).startswith("dtql.py: error:") and needle in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_dict_observations_are_flattened_in_sorted_key_order():
+    space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (3,)), "desired_goal": gym.spaces.Box(-1, 1, (2,))})
+    obs = {"observation": np.arange(6.0).reshape(2, 3), "desired_goal": np.array([[10.0, 11.0], [12.0, 13.0]])}
+    np.testing.assert_array_equal(dtql.flatten_obs(obs, space), [[10, 11, 0, 1, 2], [12, 13, 3, 4, 5]])
+    np.testing.assert_array_equal(dtql.flatten_obs(np.ones(4), gym.spaces.Box(-1, 1, (4,))), np.ones(4))
