@@ -12,6 +12,11 @@ tanh-Gaussian policy is trained on alpha * (the same diffusion loss evaluated at
 expectile regression). The diffusion model is never sampled, so DTQL has no reverse chain: `--kernels` and
 `--diffusion-steps` are accepted so the five scripts share one command line, and have no effect here.
 
+Where the paper and the official code differ, this file follows the code: the value target is the online min(Q1, Q2)
+(paper: target Q), the Q target uses the online V, the target critic only ranks evaluation candidates, the
+trust-region weighting is EDM's 1/c_out^2 with the denoiser output clamped to +-1, evaluation resamples 1 of 1024
+policy samples by softmax(Q), and 50k steps of BC + critic pretraining precede the main loop.
+
 Deviations from the official code (each deliberate; README.md#dtql explains them):
 1. Data come from Minari (`minari.load_dataset`), not `d4rl.qlearning_dataset`: transitions obs[:-1] -> obs[1:] of
    every episode, terminations cut the bootstrap and truncations do not. Actions are rescaled from the dataset's Box
