@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_script(script: str, *args: str, cwd: Path, timeout: float = 600, check: bool = True,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs `python <repo>/<script> <args>` with `cwd` as working directory (so `runs/` lands there)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # One intra-op thread: the test scripts run tiny networks, for which a second thread only adds synchronisation,
+    # and on a busy machine two threads per process oversubscribe the cores (10-100x slowdowns seen here).
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=full_env, timeout=timeout,
                           capture_output=True, text=True)
     if check and proc.returncode != 0:
