@@ -213,7 +213,6 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     (["--env-id", "NoSuchEnv-v0"], ["NoSuchEnv-v0"]),
     (["--env-id", "CartPole-v1"], ["Discrete", "continuous"]),
     (["--train-samples", "0"], ["--train-samples"]),
-    (["--time-dim", "3"], ["--time-dim"]),
     (["--entropy-alpha", "0.001"], ["--entropy-alpha"]),
     (["--q-transform", "qfoo"], ["q-transform"]),
     (["--resume", "missing/checkpoint.pt"], ["--resume"]),
@@ -231,10 +230,10 @@ def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
 def test_learns_pendulum(tmp_path):
     """Pendulum-v1 (bounds +-2, rescaled): random and untrained policies score about -1200 to -1700 here; QVPO with
     fewer samples, steps and width (and Pendulum-sized learning rates) must clearly beat that within the CPU budget.
-    Measured with these flags: -567 at 3000 steps (seed 1, 1 thread)."""
+    Measured with exactly these flags: -399 at 3000 steps (seed 1, 1 thread; 69 s CPU on the busy machine)."""
     run_script("qvpo.py", "--env-id", "Pendulum-v1", "--total-timesteps", "3000", "--learning-starts", "300",
                "--batch-size", "64", "--train-samples", "8", "--diffusion-steps", "5", "--hidden-dim", "64",
                "--policy-lr", "3e-4", "--q-lr", "1e-3", "--eval-frequency", "3000", "--eval-episodes", "4",
-               "--eval-samples", "8", "--log-frequency", "1000", cwd=tmp_path, env=ONE_THREAD)
+               "--eval-samples", "8", "--log-frequency", "1000", cwd=tmp_path, env=ONE_THREAD, timeout=1500)
     summary = read_summary(run_dirs(tmp_path)[0])
     assert summary["final_eval_return"] > -900, summary["eval"]
