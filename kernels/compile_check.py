@@ -13,12 +13,10 @@ Slow (about a minute or more per kernel on a small CPU), hence not part of the t
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "0"  # must precede the kernels' definition: we want JITFunctions, not interpreted
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -27,10 +25,6 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 
 from . import chain  # noqa: E402
-
-# `python -m kernels.compile_check` imports the package first, and on a machine without a GPU kernels/__init__.py
-# switches the interpreter on before chain.py defines the kernels: define them again, compiled this time.
-chain = importlib.reload(chain)
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -98,4 +92,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # The kernels (and Triton's own library functions) are defined compiled or interpreted when triton is first
+    # imported; `python -m kernels.compile_check` has already imported the package, which on a machine without a GPU
+    # switches the interpreter on. So run again in a fresh process with the interpreter off.
+    if os.environ.get("TRITON_INTERPRET") != "0":
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.compile_check", *sys.argv[1:]],
+                  {**os.environ, "TRITON_INTERPRET": "0"})
     main()
