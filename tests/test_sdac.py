@@ -160,11 +160,13 @@ def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
 
 
 def test_learns_pendulum(tmp_path):
-    """Pendulum-v1 (action bounds +-2, rescaled): a random policy scores about -1200; SDAC with reduced particles,
-    steps and width must clearly beat it within the CPU budget."""
-    run_script("sdac.py", "--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "500",
-               "--num-envs", "1", "--batch-size", "64", "--eval-frequency", "3000", "--eval-episodes", "4",
-               "--log-frequency", "1000", "--num-particles", "8", "--num-reverse-samples", "16",
-               "--diffusion-steps", "10", "--hidden-dim", "64", "--alpha-frequency", "50", cwd=tmp_path)
+    """Pendulum-v1 (action bounds +-2, rescaled): random and untrained policies score about -1200 to -1700; SDAC with
+    reduced particles, steps and width, and a faster EMA (tau 0.05, updated every step) must clearly beat that within
+    1000 updates. Seen here: -160 and -124 at 1000 and 1500 steps (seed 1)."""
+    run_script("sdac.py", "--env-id", "Pendulum-v1", "--total-timesteps", "1500", "--learning-starts", "500",
+               "--num-envs", "1", "--batch-size", "64", "--eval-frequency", "1500", "--eval-episodes", "4",
+               "--log-frequency", "500", "--num-particles", "8", "--num-reverse-samples", "16",
+               "--diffusion-steps", "5", "--hidden-dim", "64", "--q-lr", "1e-3", "--policy-lr", "1e-3",
+               "--tau", "0.05", "--policy-frequency", "1", "--alpha-frequency", "10", cwd=tmp_path)
     summary = read_summary(run_dirs(tmp_path)[0])
     assert summary["final_eval_return"] > -700, summary["eval"]
