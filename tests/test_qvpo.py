@@ -205,6 +205,8 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     summary = read_summary(run_dir)
     assert [e["step"] for e in summary["eval"]] == [60, 120, 150]
     assert summary["args"]["train_samples"] == 4 and summary["global_step"] == 150
+    # TensorBoard after resume: the checkpoint step's own scalars are kept, nothing is logged twice
+    assert [s for s, _ in tensorboard_scalars(run_dir)["eval/episodic_return"]] == [60, 120, 150]
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["global_step"] == 150 and ckpt["rb"]["size"] == 150 and ckpt["update_step"] == 150 - 50 + 1
 
