@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,3 +53,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert message, "no error message on stderr"
     for needle in needles:
         assert needle.lower() in message.lower(), message
+
+
+def textbook_reverse_chain(eps_fn, schedule, x, noise):
+    """The DDPM sampler written step by step, to check each script's `reverse_chain` (which hoists work out of the
+    loop). eps_fn(x_t, t) -> predicted noise with t a [N] tensor; the schedule has the scripts' attribute names."""
+    for t in reversed(range(schedule.T)):
+        eps = eps_fn(x, torch.full((len(x),), t))
+        x0 = (schedule.sqrt_recip_alphas_cumprod[t] * x - schedule.sqrt_recipm1_alphas_cumprod[t] * eps).clamp(-1, 1)
+        x = schedule.posterior_mean_coef1[t] * x0 + schedule.posterior_mean_coef2[t] * x
+        if t > 0:
+            x = x + schedule.posterior_std[t] * noise[t]
+    return x

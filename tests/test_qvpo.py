@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+from helpers import (assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars,
+                     textbook_reverse_chain)
 
 import qvpo
 
@@ -64,17 +65,6 @@ def test_networks_shapes_and_official_init():
     torch.testing.assert_close(out1, out2)
 
 
-def naive_chain(denoiser, sched, obs, x, noise):
-    """The textbook loop with the full (unsplit) network call per step, to check reverse_chain's hoisting."""
-    for t in reversed(range(sched.T)):
-        eps = denoiser(obs, x, torch.full((len(x),), t))
-        x0 = (sched.sqrt_recip_alphas_cumprod[t] * x - sched.sqrt_recipm1_alphas_cumprod[t] * eps).clamp(-1, 1)
-        x = sched.posterior_mean_coef1[t] * x0 + sched.posterior_mean_coef2[t] * x
-        if t > 0:
-            x = x + sched.posterior_std[t] * noise[t]
-    return x
-
-
 def test_reverse_chain_equals_textbook_loop():
     torch.manual_seed(0)
     d = qvpo.Denoiser(3, 2, hidden_dim=32, time_dim=32, diffusion_steps=5)
@@ -82,7 +72,7 @@ def test_reverse_chain_equals_textbook_loop():
     obs, x, noise = torch.randn(7, 3), torch.randn(7, 2), torch.randn(5, 7, 2)
     with torch.no_grad():
         out = qvpo.reverse_chain(d, sched, obs, x, noise)
-        torch.testing.assert_close(out, naive_chain(d, sched, obs, x, noise))
+        torch.testing.assert_close(out, textbook_reverse_chain(lambda x_t, t: d(obs, x_t, t), sched, x, noise))
         noise[0] += 100.0  # no noise at t = 0
         torch.testing.assert_close(qvpo.reverse_chain(d, sched, obs, x, noise), out)
 

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+from helpers import (assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars,
+                     textbook_reverse_chain)
 
 import sdac
 
@@ -43,24 +44,13 @@ def make_denoiser(obs_dim=3, act_dim=2, steps=5, seed=0):
     return sdac.Denoiser(obs_dim, act_dim, hidden_dim=32, time_dim=16, diffusion_steps=steps)
 
 
-def naive_chain(denoiser, sched, obs, x, noise):
-    """The textbook loop with the full (unsplit) network call per step, to check reverse_chain's hoisting."""
-    for t in reversed(range(sched.T)):
-        eps = denoiser(obs, x, torch.full((len(x),), t))
-        x0 = (sched.sqrt_recip_alphas_cumprod[t] * x - sched.sqrt_recipm1_alphas_cumprod[t] * eps).clamp(-1, 1)
-        x = sched.posterior_mean_coef1[t] * x0 + sched.posterior_mean_coef2[t] * x
-        if t > 0:
-            x = x + sched.posterior_std[t] * noise[t]
-    return x
-
-
 def test_reverse_chain_equals_textbook_loop_and_ignores_last_step_noise():
     denoiser = make_denoiser()
     sched = sdac.DDPMSchedule(sdac.linear_beta_schedule(5, 0.8), torch.device("cpu"))
     obs, x, noise = torch.randn(7, 3), 0.5 * torch.randn(7, 2), torch.randn(5, 7, 2)
     with torch.no_grad():
         out = sdac.reverse_chain(denoiser, sched, obs, x, noise)
-        torch.testing.assert_close(out, naive_chain(denoiser, sched, obs, x, noise))
+        torch.testing.assert_close(out, textbook_reverse_chain(lambda x_t, t: denoiser(obs, x_t, t), sched, x, noise))
         noise_last = noise.clone()
         noise_last[0] += 100.0  # noise[0] would be added at t = 0, where DDPM adds none
         torch.testing.assert_close(sdac.reverse_chain(denoiser, sched, obs, x, noise_last), out)
