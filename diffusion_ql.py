@@ -15,6 +15,9 @@ Deviations from the official code (each deliberate; README.md#diffusion_ql expla
 3. Speed, same math: the state and time parts of the denoiser's first layer are computed once per reverse chain, the
    DDPM coefficients are Python floats, the critic's weight gradients are not computed in the actor backward (the
    official code computes and then discards them), and the twin Q heads are two modules (official: one module).
+   Mish is a torch.compile'd one-exp formula with a recompute-from-input backward (`--compile`, default on; F.mish
+   if compilation fails; equal to F.mish up to float rounding) and Adam is `fused=True` (official: foreach/for-loop
+   Adam, same update up to rounding).
 4. The DDPM coefficients are computed in float64 and cast to float32 (official: float32 throughout; ~1e-7 relative).
 5. Dict observations of flat Boxes (Minari's antmaze and kitchen: observation + goals) are concatenated in sorted key
    order, in the dataset and in the eval env alike; D4RL's flat observations had no goal entries.
@@ -154,6 +157,9 @@ class Args:
     """width of the 3 hidden layers of the denoiser and of the Q networks"""
     time_dim: int = 16
     """size of the sinusoidal time embedding"""
+    compile: bool = True
+    """torch.compile a one-exp Mish (same values up to float rounding, ~3x faster than F.mish on CPU); falls back to
+    F.mish with a warning when compilation fails"""
 
 
 SCRIPT = os.path.basename(__file__)
@@ -306,10 +312,74 @@ def make_env(dataset, seed: int, video_dir: str | None = None):
     return thunk
 
 
+def mish_forward(z: torch.Tensor) -> torch.Tensor:
+    """mish(z) = z tanh(softplus(z)) with one exp: n = e^z (e^z + 2) gives tanh(log(1 + e^z)) = n / (n + 2). z is
+    clamped at 20 so n stays finite in fp32 (mish(z) = z there to fp32 precision)."""
+    e = torch.exp(z.clamp(max=20.0))
+    n = e * (e + 2.0)
+    return torch.where(z > 20.0, z, z * n / (n + 2.0))
+
+
+def mish_backward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad * mish'(z), recomputed from the pre-activation z: mish' = tanh(sp) + z sech^2(sp) sigmoid(z), sp =
+    softplus(z), which with n = e^z (e^z + 2), d = n + 2 is n / d + z 4 e^z (1 + e^z) / d^2."""
+    e = torch.exp(z.clamp(max=20.0))
+    n = e * (e + 2.0)
+    d = n + 2.0
+    return grad * torch.where(z > 20.0, 1.0, n / d + z * (4.0 * e * (1.0 + e)) / (d * d))
+
+
+class MishFunction(torch.autograd.Function):
+    """Mish whose forward/backward are given elementwise kernels (the torch.compile'd `mish_forward`/`mish_backward`):
+    saves only the pre-activation z and recomputes the slope in backward, one fused loop each way."""
+
+    @staticmethod
+    def forward(ctx, z, forward_kernel, backward_kernel):
+        ctx.save_for_backward(z)
+        ctx.backward_kernel = backward_kernel
+        return forward_kernel(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return ctx.backward_kernel(z, grad), None, None
+
+
+class Mish(nn.Module):
+    """F.mish, or MishFunction with the compiled kernels once `use_compiled_mish` succeeded (--compile). Why: on CPU
+    aten's mish and mish_backward are ~40% of a training step (tanh + log1p + exp per element, and the backward adds
+    a sigmoid); the fused one-exp kernels are ~3x faster and equal F.mish up to float rounding."""
+
+    kernels: tuple | None = None  # (forward, backward), shared by every Mish module; None -> F.mish
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.mish(z) if Mish.kernels is None else MishFunction.apply(z, *Mish.kernels)
+
+
+def use_compiled_mish(device: torch.device) -> bool:
+    """torch.compile the one-exp Mish (fused C++ on CPU, Triton on CUDA), check it against F.mish on [-30, 30] and
+    switch every Mish module to it; on any failure (no C++ compiler, ...) warn in one line and keep F.mish."""
+    try:
+        kernels = (torch.compile(mish_forward, dynamic=True), torch.compile(mish_backward, dynamic=True))
+        z = torch.linspace(-30.0, 30.0, 7 * 256, device=device).view(7, 256)  # 2-D, as every activation here
+        z.requires_grad_(True)
+        reference = torch.autograd.grad(F.mish(z).square().sum(), z)[0]
+        out = MishFunction.apply(z, *kernels)
+        grad = torch.autograd.grad(out.square().sum(), z)[0]
+        if not (torch.allclose(out, F.mish(z), rtol=1e-5, atol=1e-5) and torch.allclose(grad, reference, rtol=1e-4, atol=1e-4)):
+            raise RuntimeError("compiled Mish differs from F.mish")
+    except Exception as e:  # compilation failures come as several exception types
+        print(f"{SCRIPT}: warning: compiled Mish unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "using F.mish (slower, same math)", file=sys.stderr, flush=True)
+        return False
+    Mish.kernels = kernels
+    return True
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """in -> 3 x [Linear(hidden), Mish] -> Linear(out), PyTorch default init (as the official code)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Mish(), nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
-                         nn.Linear(hidden_dim, hidden_dim), nn.Mish(), nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), Mish(), nn.Linear(hidden_dim, hidden_dim), Mish(),
+                         nn.Linear(hidden_dim, hidden_dim), Mish(), nn.Linear(hidden_dim, out_dim))
 
 
 class QNetwork(nn.Module):
@@ -335,7 +405,7 @@ class Denoiser(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, time_dim: int, diffusion_steps: int):
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), nn.Mish(), nn.Linear(2 * time_dim, time_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), Mish(), nn.Linear(2 * time_dim, time_dim))
         self.net = mlp(act_dim + time_dim + obs_dim, hidden_dim, act_dim)
         self.register_buffer("time_features", sinusoidal_embedding(torch.arange(diffusion_steps), time_dim))  # [T, E]
 
@@ -544,6 +614,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     backend = resolve_backend(args.kernels, device)
+    mish = "compiled" if args.compile and use_compiled_mish(device) else "F.mish"
 
     # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
     data = dataset_tensors(dataset, args.reward_tune, device)
@@ -555,7 +626,7 @@ if __name__ == "__main__":
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
           f"(lr {args.lr}, eta {args.eta}, max_q_backup {args.max_q_backup}, reward {args.reward_tune}, "
-          f"grad_norm {args.grad_norm}, {args.total_timesteps:,} steps); kernels {backend}", flush=True)
+          f"grad_norm {args.grad_norm}, {args.total_timesteps:,} steps); kernels {backend}, mish {mish}", flush=True)
 
     # ALGO LOGIC: initialize agent here
     actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
@@ -570,8 +641,9 @@ if __name__ == "__main__":
         net.requires_grad_(False)
     critic_params = [*qf1.parameters(), *qf2.parameters()]
     actor_params = list(actor.parameters())
-    q_optimizer = torch.optim.Adam(critic_params, lr=args.critic_lr)
-    actor_optimizer = torch.optim.Adam(actor_params, lr=args.lr)
+    # fused=True: one multi-tensor Adam kernel per optimizer instead of per-parameter ops (same update up to rounding)
+    q_optimizer = torch.optim.Adam(critic_params, lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(actor_params, lr=args.lr, fused=True)
     schedule = DDPMSchedule(vp_beta_schedule(args.diffusion_steps), device)
     target_params = [*qf1_target.parameters(), *qf2_target.parameters()]
     ema_params = list(ema_actor.parameters())
@@ -596,7 +668,7 @@ if __name__ == "__main__":
         scores = [e["normalized_score"] for e in eval_history if e.get("normalized_score") is not None]
         summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
-                   "global_step": global_step, "kernels": backend, "device": str(device), "preset": task,
+                   "global_step": global_step, "kernels": backend, "mish": mish, "device": str(device), "preset": task,
                    "best_normalized_score": max(scores) if scores else None,
                    "last_normalized_score": scores[-1] if scores else None,
                    "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / max(global_step - start_step, 1)}

@@ -107,6 +107,41 @@ def test_bc_loss_is_noise_mse_at_uniform_steps():
     torch.testing.assert_close(loss, F.mse_loss(denoiser(x_t, t, obs), eps))
 
 
+def test_one_exp_mish_function_matches_f_mish_values_and_gradcheck():
+    # float64, eager kernels: the formula the compiled path fuses; the range covers the z > 20 branch and underflow
+    z = torch.cat([torch.linspace(-100.0, 60.0, 801, dtype=torch.float64), torch.tensor([0.0, 19.99, 20.0, 20.01])])
+    torch.testing.assert_close(dql.mish_forward(z), F.mish(z), rtol=1e-12, atol=1e-12)
+    zg = z.clone().requires_grad_(True)
+    slope = torch.autograd.grad(F.mish(zg).sum(), zg)[0]
+    torch.testing.assert_close(dql.mish_backward(z, torch.ones_like(z)), slope, rtol=1e-7, atol=1e-7)
+    x = (torch.randn(6, 5, dtype=torch.float64) * 4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: dql.MishFunction.apply(v, dql.mish_forward, dql.mish_backward), (x,))
+
+
+def test_compiled_mish_gives_the_eager_losses_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    qf, obs, act = dql.QNetwork(5, 2, 32), torch.randn(64, 5) * 3, torch.rand(64, 2) * 2 - 1
+
+    def loss_and_grads():
+        qf.zero_grad()
+        loss = qf(obs, act).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in qf.parameters()]
+
+    monkeypatch.setattr(dql.Mish, "kernels", None)  # F.mish; restored after the test
+    eager = loss_and_grads()
+    assert dql.use_compiled_mish(torch.device("cpu"))  # inductor C++ must build on the CI/dev CPU
+    assert dql.Mish.kernels is not None
+    compiled = loss_and_grads()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for g_compiled, g_eager in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the inference path (no autograd) at another batch size (dynamic-shape kernel)
+        q_compiled = qf(obs[:7], act[:7])
+        dql.Mish.kernels = None
+        torch.testing.assert_close(q_compiled, qf(obs[:7], act[:7]), rtol=1e-5, atol=1e-6)
+
+
 def test_q_term_normalises_by_the_other_heads_mean_abs_q_without_gradient():
     q1 = torch.tensor([1.0, 3.0, -2.0, 6.0], requires_grad=True)
     q2 = torch.tensor([-4.0, 2.0, 2.0, 4.0], requires_grad=True)
