@@ -353,7 +353,11 @@ class Mish(nn.Module):
     kernels: tuple | None = None  # (forward, backward), shared by every Mish module; None -> F.mish
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.mish(z) if Mish.kernels is None else MishFunction.apply(z, *Mish.kernels)
+        if Mish.kernels is None:
+            return F.mish(z)
+        if not (torch.is_grad_enabled() and z.requires_grad):  # target/EMA/eval passes: no autograd node to build
+            return Mish.kernels[0](z)
+        return MishFunction.apply(z, *Mish.kernels)
 
 
 def use_compiled_mish(device: torch.device) -> bool:
@@ -735,7 +739,10 @@ if __name__ == "__main__":
         new_actions = sample_actions(actor, schedule, b_obs, backend)  # [B, A], with grad
         for p in critic_params:  # dL/d(critic weights) is discarded by the official code: skip computing it
             p.requires_grad_(False)
-        ql_loss = q_term(qf1(b_obs, new_actions), qf2(b_obs, new_actions), np.random.uniform() > 0.5)
+        q_used, q_other = (qf1, qf2) if np.random.uniform() > 0.5 else (qf2, qf1)  # official random head pick
+        with torch.no_grad():  # the other head only gives the detached normaliser: no graph needed for it
+            q_norm = q_other(b_obs, new_actions)
+        ql_loss = q_term(q_used(b_obs, new_actions), q_norm, use_q1=True)  # arguments already (used, other)
         for p in critic_params:
             p.requires_grad_(True)
         actor_loss = behaviour_loss + args.eta * ql_loss
