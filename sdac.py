@@ -613,7 +613,7 @@ if __name__ == "__main__":
         if global_step // args.log_frequency > prev_step // args.log_frequency:
             now = time.time()
             writer.add_scalar("charts/SPS", int((global_step - start_step) / (now - start_time)), global_step)
-            sps, last_log = int((global_step - last_log[0]) / (now - last_log[1])), (global_step, now)  # recent SPS
+            sps, last_log = (global_step - last_log[0]) / (now - last_log[1]), (global_step, now)  # recent SPS
             writer.add_scalar("losses/alpha", alpha.item(), global_step)
             values = {k: v.item() for k, v in losses.items()}
             for k, v in values.items():
@@ -621,7 +621,7 @@ if __name__ == "__main__":
             if values:
                 writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
             loss_text = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("qf1_loss", "actor_loss"))
-            print(f"step {global_step:>10,} | SPS {sps:>5} | return {last_return:10.2f} | alpha {alpha.item():.3f}"
+            print(f"step {global_step:>10,} | SPS {sps:>7.1f} | return {last_return:10.2f} | alpha {alpha.item():.3f}"
                   + (f" | {loss_text}" if loss_text else " | warm-up"), flush=True)
         if global_step // args.eval_frequency > prev_step // args.eval_frequency or global_step >= args.total_timesteps:
             run_evaluation()
