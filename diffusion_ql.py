@@ -14,7 +14,8 @@ Deviations from the official code (each deliberate; README.md#diffusion_ql expla
    carries `ref_min_score`/`ref_max_score`.
 3. Speed, same math: the state and time parts of the denoiser's first layer are computed once per reverse chain, the
    DDPM coefficients are Python floats, the critic's weight gradients are not computed in the actor backward (the
-   official code computes and then discards them), and the twin Q heads are two modules (official: one module).
+   official code computes and then discards them), the Q term's other head (its detached normaliser) runs under
+   no_grad, and the twin Q heads are two modules (official: one module).
    Mish is a torch.compile'd one-exp formula with a recompute-from-input backward (`--compile`, default on; F.mish
    if compilation fails; equal to F.mish up to float rounding) and Adam is `fused=True` (official: foreach/for-loop
    Adam, same update up to rounding).
