@@ -609,7 +609,8 @@ if __name__ == "__main__":
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True, resume="allow" if checkpoint else None)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] if checkpoint else None)
+    # on resume, drop scalars logged after the checkpoint (the run redoes those steps); its own step's were saved
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # TRY NOT TO MODIFY: seeding

@@ -253,6 +253,10 @@ def test_end_to_end_on_a_small_hopper_dataset_with_resume(minari_root, tmp_path)
     resumed = read_summary(run_dir)
     assert resumed["global_step"] == 30 and [e["step"] for e in resumed["eval"]] == [10, 20, 30]
     assert resumed["args"]["hidden_dim"] == 32 and resumed["args"]["max_q_backup"] is True  # saved flags kept, new win
+    # TensorBoard after resume: the checkpoint step's own scalars are kept, nothing is logged twice
+    scalars = tensorboard_scalars(run_dir)
+    assert [s for s, _ in scalars["eval/episodic_return"]] == [10, 20, 30]
+    assert [s for s, _ in scalars["losses/qf1_loss"]] == [5, 10, 15, 20, 25, 30]
 
 
 def bandit_modes(run_dir, radius: float, samples: int = 2000) -> np.ndarray:
