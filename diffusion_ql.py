@@ -449,6 +449,7 @@ class DDPMSchedule:
         }
         for name, value in coefs.items():
             setattr(self, name, value.float().to(device))
+        self.betas = betas.to(device)  # float64: kernels/ derives its coefficients from it, as above
         self.T = len(betas)
         # Python floats for the sampling loop, so a step multiplies by scalars instead of indexing device tensors.
         self.steps = list(zip(*(coefs[k].tolist() for k in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
