@@ -63,6 +63,36 @@ def _mish_grad(z):
 
 
 @triton.jit
+def _dense_mish(h, w_ptr, w_s0, w_s1, b_ptr, out_buf, z_ptr, z_row0, rows, rmask, cols_h, cols_n,
+                H: tl.constexpr, BN: tl.constexpr, TRAINING: tl.constexpr, ACC_FP64: tl.constexpr, PREC: tl.constexpr):
+    """One hidden layer of the forward chain: out_buf[:, :H] = mish(h @ W^T + b), in BN-wide column chunks so one
+    [H, BN] chunk of W is the largest dot operand; in training mode the pre-activation z also goes to row
+    z_row0 + rows of the [*, H] workspace at z_ptr (rows is int64, so the offsets cannot overflow)."""
+    ACC = tl.float64 if ACC_FP64 else tl.float32
+    for n0 in tl.static_range(0, H, BN):
+        cn = n0 + cols_n
+        w = tl.load(w_ptr + cn[None, :] * w_s0 + cols_h[:, None] * w_s1)  # [H, BN] = W^T chunk
+        z = tl.dot(h, w, input_precision=PREC, out_dtype=ACC) + tl.load(b_ptr + cn).to(ACC)[None, :]
+        if TRAINING:
+            tl.store(z_ptr + (z_row0 + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
+        tl.store(out_buf + cn[None, :], _mish(z).to(out_buf.dtype.element_ty))
+
+
+@triton.jit
+def _dense_mish_backward(d, w_ptr, w_s0, w_s1, z_ptr, d_ptr, row0, rows, rmask, cols_h, cols_n,
+                         H: tl.constexpr, BN: tl.constexpr, ACC_FP64: tl.constexpr, PREC: tl.constexpr):
+    """One hidden layer of the chain backward: rows row0 + rows of the [*, H] workspace d_ptr get (d @ W) * mish'(z),
+    z read from the same rows at z_ptr, in BN-wide column chunks."""
+    ACC = tl.float64 if ACC_FP64 else tl.float32
+    for n0 in tl.static_range(0, H, BN):
+        cn = n0 + cols_n
+        w = tl.load(w_ptr + cols_h[:, None] * w_s0 + cn[None, :] * w_s1)  # [H_out, BN]
+        z = tl.load(z_ptr + (row0 + rows[:, None]) * H + cn[None, :], mask=rmask[:, None], other=0.0)
+        dz = tl.dot(d, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
+        tl.store(d_ptr + (row0 + rows[:, None]) * H + cn[None, :], dz, mask=rmask[:, None])
+
+
+@triton.jit
 def _chain_fwd_kernel(
     state_ptr, st_s0, st_s1,  # [N, S] any float dtype, any strides
     x_ptr, x_s0, x_s1,  # [N, A] x_T
@@ -132,24 +162,13 @@ def _chain_fwd_kernel(
             tl.store(buf0 + cn[None, :], _mish(z).to(DT))
         tl.debug_barrier()
         h = tl.load(buf0 + cols_h[None, :])
-        # ---- layer 2 -> buf1 ----
-        for n0 in tl.static_range(0, H, BN):
-            cn = n0 + cols_n
-            w = tl.load(w2_ptr + cn[None, :] * w2_s0 + cols_h[:, None] * w2_s1)  # [H, BN] = W2^T chunk
-            z = tl.dot(h, w, input_precision=PREC, out_dtype=ACC) + tl.load(b2_ptr + cn).to(ACC)[None, :]
-            if TRAINING:
-                tl.store(wsz_ptr + ((1 * T + t) * N + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
-            tl.store(buf1 + cn[None, :], _mish(z).to(DT))
+        # ---- layers 2 and 3 -> buf1 -> buf0 ----
+        _dense_mish(h, w2_ptr, w2_s0, w2_s1, b2_ptr, buf1, wsz_ptr, (1 * T + t) * N, rows, rmask, cols_h, cols_n,
+                    H, BN, TRAINING, ACC_FP64, PREC)
         tl.debug_barrier()
         h = tl.load(buf1 + cols_h[None, :])
-        # ---- layer 3 -> buf0 ----
-        for n0 in tl.static_range(0, H, BN):
-            cn = n0 + cols_n
-            w = tl.load(w3_ptr + cn[None, :] * w3_s0 + cols_h[:, None] * w3_s1)
-            z = tl.dot(h, w, input_precision=PREC, out_dtype=ACC) + tl.load(b3_ptr + cn).to(ACC)[None, :]
-            if TRAINING:
-                tl.store(wsz_ptr + ((2 * T + t) * N + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
-            tl.store(buf0 + cn[None, :], _mish(z).to(DT))
+        _dense_mish(h, w3_ptr, w3_s0, w3_s1, b3_ptr, buf0, wsz_ptr, (2 * T + t) * N, rows, rmask, cols_h, cols_n,
+                    H, BN, TRAINING, ACC_FP64, PREC)
         tl.debug_barrier()
         h = tl.load(buf0 + cols_h[None, :])
         # ---- layer 4: eps [BM, A_PAD]; pad columns are exactly 0 (masked W4 rows and b4) ----
@@ -252,25 +271,18 @@ def _chain_bwd_kernel(
         tl.debug_barrier()
         dfull = tl.load(wsd_ptr + 2 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
         # ---- layer 3 -> d2 = (d3 @ W3) * mish'(z2) ----
-        for n0 in tl.static_range(0, H, BN):
-            cn = n0 + cols_n
-            w = tl.load(w3_ptr + cols_h[:, None] * w3_s0 + cn[None, :] * w3_s1)  # [H_out, BN]
-            z = tl.load(wsz_ptr + 1 * slab + zrow + cn[None, :], mask=rmask[:, None], other=0.0)
-            d = tl.dot(dfull, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
-            tl.store(wsd_ptr + 1 * slab + zrow + cn[None, :], d, mask=rmask[:, None])
+        _dense_mish_backward(dfull, w3_ptr, w3_s0, w3_s1, wsz_ptr + 1 * slab, wsd_ptr + 1 * slab, t * N,
+                             rows, rmask, cols_h, cols_n, H, BN, ACC_FP64, PREC)
         tl.debug_barrier()
         dfull = tl.load(wsd_ptr + 1 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
-        # ---- layer 2 -> d1 = (d2 @ W2) * mish'(z1); dL/dsp += d1 ----
-        for n0 in tl.static_range(0, H, BN):
-            cn = n0 + cols_n
-            w = tl.load(w2_ptr + cols_h[:, None] * w2_s0 + cn[None, :] * w2_s1)
-            z = tl.load(wsz_ptr + zrow + cn[None, :], mask=rmask[:, None], other=0.0)
-            d = tl.dot(dfull, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
-            tl.store(wsd_ptr + zrow + cn[None, :], d, mask=rmask[:, None])
-            sp_ptrs = dsp_ptr + rows[:, None] * H + cn[None, :]
-            tl.store(sp_ptrs, tl.load(sp_ptrs, mask=rmask[:, None], other=0.0) + d, mask=rmask[:, None])
+        # ---- layer 2 -> d1 = (d2 @ W2) * mish'(z1); dL/dsp += d1 (the state projection enters every step) ----
+        _dense_mish_backward(dfull, w2_ptr, w2_s0, w2_s1, wsz_ptr, wsd_ptr, t * N,
+                             rows, rmask, cols_h, cols_n, H, BN, ACC_FP64, PREC)
         tl.debug_barrier()
-        dfull = tl.load(wsd_ptr + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
+        d1 = tl.load(wsd_ptr + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0)
+        sp_ptrs = dsp_ptr + rows[:, None] * H + cols_h[None, :]
+        tl.store(sp_ptrs, tl.load(sp_ptrs, mask=rmask[:, None], other=0.0) + d1, mask=rmask[:, None])
+        dfull = d1.to(DT)
         # ---- layer 1 -> dL/dx_t += d1 @ W1x ----
         w1x = tl.load(w1x_ptr + cols_h[:, None] * w1x_s0 + cols_a[None, :] * w1x_s1, mask=amask[None, :], other=0.0)
         gx += tl.dot(dfull, w1x, input_precision=PREC, out_dtype=ACC)
