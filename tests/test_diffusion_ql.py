@@ -18,13 +18,6 @@ from helpers import assert_one_line_error, read_summary, run_dirs, run_script, t
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def minari_root(tmp_path, monkeypatch):
-    root = tmp_path / "minari"
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
-    return root
-
-
 def script_env(root) -> dict:
     return {**THREADS, "MINARI_DATASETS_PATH": str(root), "HF_HUB_OFFLINE": "1"}
 

@@ -19,13 +19,6 @@ TINY = ["--dataset-id", "test/hopper/random-v0", "--batch-size", "32", "--hidden
         "--eval-candidates", "16", "--log-frequency", "5"]
 
 
-@pytest.fixture
-def minari_root(tmp_path, monkeypatch):
-    root = tmp_path / "minari"
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
-    return root
-
-
 def test_edm_preconditioning_values():
     sigma = torch.tensor([0.002, 0.5, 1.0, 80.0])
     c_skip, c_out, c_in = dtql.edm_scalings(sigma, 0.5)
