@@ -16,9 +16,9 @@ Deviations from the official code (each deliberate; README.md#diffusion_ql expla
    DDPM coefficients are Python floats, the critic's weight gradients are not computed in the actor backward (the
    official code computes and then discards them), the Q term's other head (its detached normaliser) runs under
    no_grad, and the twin Q heads are two modules (official: one module).
-   Mish is a torch.compile'd one-exp formula with a recompute-from-input backward (`--compile`, default on; F.mish
-   if compilation fails; equal to F.mish up to float rounding) and Adam is `fused=True` (official: foreach/for-loop
-   Adam, same update up to rounding).
+   With `--compile` (default) the critic and actor losses are torch.compile'd, forward and backward, with Mish as a
+   one-exp formula inside (equal to F.mish up to float rounding; eager F.mish if compilation fails), and Adam is
+   `fused=True` (official: foreach/for-loop Adam, same update up to rounding).
 4. The DDPM coefficients are computed in float64 and cast to float32 (official: float32 throughout; ~1e-7 relative).
 5. Dict observations of flat Boxes (Minari's antmaze and kitchen: observation + goals) are concatenated in sorted key
    order, in the dataset and in the eval env alike; D4RL's flat observations had no goal entries.
@@ -159,8 +159,8 @@ class Args:
     time_dim: int = 16
     """size of the sinusoidal time embedding"""
     compile: bool = True
-    """torch.compile a one-exp Mish (same values up to float rounding, ~3x faster than F.mish on CPU); falls back to
-    F.mish with a warning when compilation fails"""
+    """torch.compile the critic and actor losses, forward and backward (with --kernels torch; ~1.3x faster steps on
+    CPU; the first run compiles for ~1 min, later runs load inductor's cache); eager with a warning if it fails"""
 
 
 SCRIPT = os.path.basename(__file__)
@@ -313,7 +313,7 @@ def make_env(dataset, seed: int, video_dir: str | None = None):
     return thunk
 
 
-def mish_forward(z: torch.Tensor) -> torch.Tensor:
+def mish_one_exp(z: torch.Tensor) -> torch.Tensor:
     """mish(z) = z tanh(softplus(z)) with one exp: n = e^z (e^z + 2) gives tanh(log(1 + e^z)) = n / (n + 2). z is
     clamped at 20 so n stays finite in fp32 (mish(z) = z there to fp32 precision)."""
     e = torch.exp(z.clamp(max=20.0))
@@ -321,64 +321,12 @@ def mish_forward(z: torch.Tensor) -> torch.Tensor:
     return torch.where(z > 20.0, z, z * n / (n + 2.0))
 
 
-def mish_backward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """grad * mish'(z), recomputed from the pre-activation z: mish' = tanh(sp) + z sech^2(sp) sigmoid(z), sp =
-    softplus(z), which with n = e^z (e^z + 2), d = n + 2 is n / d + z 4 e^z (1 + e^z) / d^2."""
-    e = torch.exp(z.clamp(max=20.0))
-    n = e * (e + 2.0)
-    d = n + 2.0
-    return grad * torch.where(z > 20.0, 1.0, n / d + z * (4.0 * e * (1.0 + e)) / (d * d))
-
-
-class MishFunction(torch.autograd.Function):
-    """Mish whose forward/backward are given elementwise kernels (the torch.compile'd `mish_forward`/`mish_backward`):
-    saves only the pre-activation z and recomputes the slope in backward, one fused loop each way."""
-
-    @staticmethod
-    def forward(ctx, z, forward_kernel, backward_kernel):
-        ctx.save_for_backward(z)
-        ctx.backward_kernel = backward_kernel
-        return forward_kernel(z)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        return ctx.backward_kernel(z, grad), None, None
-
-
 class Mish(nn.Module):
-    """F.mish, or MishFunction with the compiled kernels once `use_compiled_mish` succeeded (--compile). Why: on CPU
-    aten's mish and mish_backward are ~40% of a training step (tanh + log1p + exp per element, and the backward adds
-    a sigmoid); the fused one-exp kernels are ~3x faster and equal F.mish up to float rounding."""
-
-    kernels: tuple | None = None  # (forward, backward), shared by every Mish module; None -> F.mish
+    """F.mish in eager mode; the one-exp formula inside torch.compile (--compile), where inductor fuses it, and its
+    derivative, with the neighbouring bias add (F.mish would decompose into exp + log1p + tanh, ~3x slower on CPU)."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if Mish.kernels is None:
-            return F.mish(z)
-        if not (torch.is_grad_enabled() and z.requires_grad):  # target/EMA/eval passes: no autograd node to build
-            return Mish.kernels[0](z)
-        return MishFunction.apply(z, *Mish.kernels)
-
-
-def use_compiled_mish(device: torch.device) -> bool:
-    """torch.compile the one-exp Mish (fused C++ on CPU, Triton on CUDA), check it against F.mish on [-30, 30] and
-    switch every Mish module to it; on any failure (no C++ compiler, ...) warn in one line and keep F.mish."""
-    try:
-        kernels = (torch.compile(mish_forward, dynamic=True), torch.compile(mish_backward, dynamic=True))
-        z = torch.linspace(-30.0, 30.0, 7 * 256, device=device).view(7, 256)  # 2-D, as every activation here
-        z.requires_grad_(True)
-        reference = torch.autograd.grad(F.mish(z).square().sum(), z)[0]
-        out = MishFunction.apply(z, *kernels)
-        grad = torch.autograd.grad(out.square().sum(), z)[0]
-        if not (torch.allclose(out, F.mish(z), rtol=1e-5, atol=1e-5) and torch.allclose(grad, reference, rtol=1e-4, atol=1e-4)):
-            raise RuntimeError("compiled Mish differs from F.mish")
-    except Exception as e:  # compilation failures come as several exception types
-        print(f"{SCRIPT}: warning: compiled Mish unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              "using F.mish (slower, same math)", file=sys.stderr, flush=True)
-        return False
-    Mish.kernels = kernels
-    return True
+        return mish_one_exp(z) if torch.compiler.is_compiling() else F.mish(z)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -487,18 +435,21 @@ def reverse_chain(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor,
     return x
 
 
+def draw_noise(schedule: DDPMSchedule, n: int, act_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The randomness of n reverse chains: x_T [n, A] and the per-step noise [T, n, A], both N(0, I)."""
+    return torch.randn(n, act_dim, device=device), torch.randn(schedule.T, n, act_dim, device=device)
+
+
 def sample_actions(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """One action per state [N, S] -> [N, A] in [-1, 1]: x_T ~ N(0, I), the reverse chain, then a final clip."""
-    n, act_dim = obs.shape[0], denoiser.act_dim
-    x = torch.randn(n, act_dim, device=obs.device)
-    noise = torch.randn(schedule.T, n, act_dim, device=obs.device)
+    x, noise = draw_noise(schedule, obs.shape[0], denoiser.act_dim, obs.device)
     return reverse_chain(denoiser, schedule, obs, x, noise, backend).clamp(-1.0, 1.0)
 
 
-def bc_loss(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Diffusion behaviour cloning: mean (eps_theta(x_t, t, s) - eps)^2 with t ~ U{0..T-1} per sample."""
-    t = torch.randint(0, schedule.T, (obs.shape[0],), device=obs.device)
-    eps = torch.randn_like(actions)
+def bc_loss(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, actions: torch.Tensor, t: torch.Tensor,
+            eps: torch.Tensor) -> torch.Tensor:
+    """Diffusion behaviour cloning: mean (eps_theta(x_t, t, s) - eps)^2; the caller draws t ~ U{0..T-1} [B] and eps
+    ~ N(0, I) [B, A]."""
     return F.mse_loss(denoiser(schedule.q_sample(actions, t, eps), t, obs), eps)
 
 
@@ -507,6 +458,57 @@ def q_term(q1_new: torch.Tensor, q2_new: torch.Tensor, use_q1: bool) -> torch.Te
     and the normaliser detached (no gradient through it)."""
     q_used, q_other = (q1_new, q2_new) if use_q1 else (q2_new, q1_new)
     return -q_used.mean() / q_other.abs().mean().detach()
+
+
+def critic_losses(nets: dict[str, nn.Module], schedule: DDPMSchedule, batch: dict[str, torch.Tensor],
+                  x: torch.Tensor, noise: torch.Tensor, gamma: float, backup_samples: int,
+                  backend: str) -> tuple[torch.Tensor, ...]:
+    """TD losses of both Q heads. Target: the min over the target heads of Q(s', a') with a' from the EMA actor's
+    reverse chain (x: [B*K, A], noise: [T, B*K, A]); with K = backup_samples > 1 (max-Q backup) each head first takes
+    the max over its K actions per s'. Returns (qf1_loss, qf2_loss, mean Q1(s, a), mean Q2(s, a))."""
+    with torch.no_grad():
+        next_obs = batch["next_obs"].repeat_interleave(backup_samples, 0)  # [B*K, S]
+        next_actions = reverse_chain(nets["ema_actor"], schedule, next_obs, x, noise, backend).clamp(-1.0, 1.0)
+        target_q = torch.min(nets["qf1_target"](next_obs, next_actions).view(-1, backup_samples).max(1).values,
+                             nets["qf2_target"](next_obs, next_actions).view(-1, backup_samples).max(1).values)
+        td_target = batch["rewards"] + batch["not_dones"] * gamma * target_q  # [B]
+    qf1_a_values, qf2_a_values = nets["qf1"](batch["obs"], batch["actions"]), nets["qf2"](batch["obs"], batch["actions"])
+    return (F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target), qf1_a_values.detach().mean(),
+            qf2_a_values.detach().mean())
+
+
+def actor_losses(nets: dict[str, nn.Module], schedule: DDPMSchedule, batch: dict[str, torch.Tensor], t: torch.Tensor,
+                 eps: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, use_qf1: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BC loss, Q term) of the actor. The Q term backpropagates through the whole reverse chain (x: [B, A], noise:
+    [T, B, A]) and through the picked head to its action input; the caller turns the critics' requires_grad off, as
+    the official code discards their weight gradients anyway."""
+    behaviour_loss = bc_loss(nets["actor"], schedule, batch["obs"], batch["actions"], t, eps)
+    new_actions = reverse_chain(nets["actor"], schedule, batch["obs"], x, noise, backend).clamp(-1.0, 1.0)  # [B, A]
+    q_used, q_other = (nets["qf1"], nets["qf2"]) if use_qf1 else (nets["qf2"], nets["qf1"])
+    with torch.no_grad():  # the other head only gives the detached normaliser: no graph needed for it
+        q_norm = q_other(batch["obs"], new_actions)
+    return behaviour_loss, q_term(q_used(batch["obs"], new_actions), q_norm, use_q1=True)  # arguments: (used, other)
+
+
+def compile_or_eager(fn):
+    """torch.compile(fn) with static shapes (the batch never changes), or fn itself after one warning line when
+    compilation fails (e.g. no C++ compiler for inductor's CPU backend): same math either way."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is not None:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # compilation failures come as several exception types
+                first = str(e).splitlines()[0] if str(e) else ""
+                print(f"{SCRIPT}: warning: torch.compile failed ({type(e).__name__}: {first}); training eagerly "
+                      "(slower, same math)", file=sys.stderr, flush=True)
+                compiled = None
+        return fn(*args, **kwargs)
+
+    return call
 
 
 @torch.no_grad()
@@ -621,7 +623,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     backend = resolve_backend(args.kernels, device)
-    mish = "compiled" if args.compile and use_compiled_mish(device) else "F.mish"
+    compile_step = args.compile and backend == "torch"
 
     # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
     data = dataset_tensors(dataset, args.reward_tune, device)
@@ -633,7 +635,9 @@ if __name__ == "__main__":
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
           f"(lr {args.lr}, eta {args.eta}, max_q_backup {args.max_q_backup}, reward {args.reward_tune}, "
-          f"grad_norm {args.grad_norm}, {args.total_timesteps:,} steps); kernels {backend}, mish {mish}", flush=True)
+          f"grad_norm {args.grad_norm}, {args.total_timesteps:,} steps); kernels {backend}, compile {compile_step}"
+          + (" (the first steps compile: ~1 min on a CPU the first time, seconds once cached)" if compile_step else ""),
+          flush=True)
 
     # ALGO LOGIC: initialize agent here
     actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
@@ -660,8 +664,12 @@ if __name__ == "__main__":
         """Official --lr_decay: CosineAnnealingLR(T_max=epochs) stepped once per evaluation (every 50 epochs)."""
         return 0.5 * (1 + math.cos(math.pi * (step // args.eval_frequency) / epochs)) if args.lr_decay else 1.0
 
-    stateful = {"actor": actor, "ema_actor": ema_actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
-                "qf2_target": qf2_target, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
+    nets = {"actor": actor, "ema_actor": ema_actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
+            "qf2_target": qf2_target}
+    stateful = {**nets, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
+    compute_critic_losses, compute_actor_losses = critic_losses, actor_losses
+    if compile_step:  # one fused forward+backward per loss (Triton kernels have their own fused chain instead)
+        compute_critic_losses, compute_actor_losses = compile_or_eager(critic_losses), compile_or_eager(actor_losses)
     global_step, eval_history = 0, []
     if checkpoint:
         for name, module in stateful.items():
@@ -675,7 +683,7 @@ if __name__ == "__main__":
         scores = [e["normalized_score"] for e in eval_history if e.get("normalized_score") is not None]
         summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
-                   "global_step": global_step, "kernels": backend, "mish": mish, "device": str(device), "preset": task,
+                   "global_step": global_step, "kernels": backend, "compile": compile_step, "device": str(device), "preset": task,
                    "best_normalized_score": max(scores) if scores else None,
                    "last_normalized_score": scores[-1] if scores else None,
                    "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / max(global_step - start_step, 1)}
@@ -714,23 +722,12 @@ if __name__ == "__main__":
         for group, base in ((actor_optimizer.param_groups[0], args.lr), (q_optimizer.param_groups[0], args.critic_lr)):
             group["lr"] = base * lr_factor(global_step)
         idx = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # uniform, with replacement
-        b_obs, b_next_obs, b_actions = data["obs"][idx], data["next_obs"][idx], data["actions"][idx]
-        b_rewards, b_not_dones = data["rewards"][idx], data["not_dones"][idx]
+        batch = {k: v[idx] for k, v in data.items()}  # obs, next_obs [B, S], actions [B, A], rewards, not_dones [B]
 
-        with torch.no_grad():  # critic target from EMA-actor actions and the target critic, min over the heads
-            if args.max_q_backup:
-                k = args.max_q_backup_samples
-                next_obs_rep = b_next_obs.repeat_interleave(k, 0)  # [B*K, S]
-                next_actions = sample_actions(ema_actor, schedule, next_obs_rep, backend)
-                target_q = torch.min(qf1_target(next_obs_rep, next_actions).view(-1, k).max(1).values,
-                                     qf2_target(next_obs_rep, next_actions).view(-1, k).max(1).values)
-            else:
-                next_actions = sample_actions(ema_actor, schedule, b_next_obs, backend)
-                target_q = torch.min(qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions))
-            td_target = b_rewards + b_not_dones * args.gamma * target_q  # [B]
-
-        qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
-        qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
+        backup_samples = args.max_q_backup_samples if args.max_q_backup else 1
+        x, noise = draw_noise(schedule, args.batch_size * backup_samples, act_dim, device)
+        qf1_loss, qf2_loss, qf1_values, qf2_values = compute_critic_losses(nets, schedule, batch, x, noise, args.gamma,
+                                                                           backup_samples, backend)
         q_optimizer.zero_grad()
         (qf1_loss + qf2_loss).backward()
         if args.grad_norm > 0:
@@ -738,14 +735,13 @@ if __name__ == "__main__":
         q_optimizer.step()
 
         # actor: diffusion BC + eta * normalised Q of a full reverse chain, backpropagated through every step
-        behaviour_loss = bc_loss(actor, schedule, b_obs, b_actions)
-        new_actions = sample_actions(actor, schedule, b_obs, backend)  # [B, A], with grad
+        t = torch.randint(0, schedule.T, (args.batch_size,), device=device)
+        eps = torch.randn(args.batch_size, act_dim, device=device)
+        x, noise = draw_noise(schedule, args.batch_size, act_dim, device)
+        use_qf1 = bool(np.random.uniform() > 0.5)  # official random head pick
         for p in critic_params:  # dL/d(critic weights) is discarded by the official code: skip computing it
             p.requires_grad_(False)
-        q_used, q_other = (qf1, qf2) if np.random.uniform() > 0.5 else (qf2, qf1)  # official random head pick
-        with torch.no_grad():  # the other head only gives the detached normaliser: no graph needed for it
-            q_norm = q_other(b_obs, new_actions)
-        ql_loss = q_term(q_used(b_obs, new_actions), q_norm, use_q1=True)  # arguments already (used, other)
+        behaviour_loss, ql_loss = compute_actor_losses(nets, schedule, batch, t, eps, x, noise, use_qf1, backend)
         for p in critic_params:
             p.requires_grad_(True)
         actor_loss = behaviour_loss + args.eta * ql_loss
@@ -763,8 +759,8 @@ if __name__ == "__main__":
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals
         if global_step % args.log_frequency == 0:
             sps = int((global_step - start_step) / (time.time() - start_time))
-            losses.update(qf1_loss=qf1_loss, qf2_loss=qf2_loss, qf1_values=qf1_a_values.mean(),
-                          qf2_values=qf2_a_values.mean(), actor_loss=actor_loss, bc_loss=behaviour_loss, ql_loss=ql_loss)
+            losses.update(qf1_loss=qf1_loss, qf2_loss=qf2_loss, qf1_values=qf1_values, qf2_values=qf2_values,
+                          actor_loss=actor_loss, bc_loss=behaviour_loss, ql_loss=ql_loss)
             values = {k: v.item() for k, v in losses.items()}
             writer.add_scalar("charts/SPS", sps, global_step)
             for k, v in values.items():
