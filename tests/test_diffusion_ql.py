@@ -53,12 +53,17 @@ def naive_chain(denoiser, schedule, obs, x, noise):
     return x
 
 
-def test_reverse_chain_matches_the_step_by_step_sampler_and_is_differentiable():
+def chain_problem(N: int, hidden: int, S: int = 5, A: int = 3, T: int = 5):
+    """A random denoiser (seed 0), the VP schedule and chain inputs obs [N, S], x_T [N, A], noise [T, N, A]."""
     torch.manual_seed(0)
-    S, A, N, T = 5, 3, 64, 5
-    denoiser = dql.Denoiser(S, A, 32, 16, T)
+    denoiser = dql.Denoiser(S, A, hidden, 16, T)
     schedule = dql.DDPMSchedule(dql.vp_beta_schedule(T), torch.device("cpu"))
-    obs, x, noise = torch.randn(N, S), torch.randn(N, A), torch.randn(T, N, A)
+    return denoiser, schedule, torch.randn(N, S), torch.randn(N, A), torch.randn(T, N, A)
+
+
+def test_reverse_chain_matches_the_step_by_step_sampler_and_is_differentiable():
+    N, A = 64, 3
+    denoiser, schedule, obs, x, noise = chain_problem(N, 32)
     out = dql.reverse_chain(denoiser, schedule, obs, x, noise)
     torch.testing.assert_close(out, naive_chain(denoiser, schedule, obs, x, noise), atol=1e-5, rtol=1e-5)
     noise2 = noise.clone()
@@ -72,11 +77,7 @@ def test_reverse_chain_matches_the_step_by_step_sampler_and_is_differentiable():
 
 def test_triton_reverse_chain_matches_torch_values_and_gradients():
     """--kernels triton routes the chain through kernels.reverse_chain (order "xts"); on CPU via the interpreter."""
-    torch.manual_seed(0)
-    S, A, N, T = 5, 3, 8, 5
-    denoiser = dql.Denoiser(S, A, 16, 16, T)
-    schedule = dql.DDPMSchedule(dql.vp_beta_schedule(T), torch.device("cpu"))
-    obs, x, noise = torch.randn(N, S), torch.randn(N, A), torch.randn(T, N, A)
+    denoiser, schedule, obs, x, noise = chain_problem(8, 16)
     grads = {}
     for backend in ("torch", "triton"):
         denoiser.zero_grad()

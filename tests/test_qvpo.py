@@ -65,11 +65,16 @@ def test_networks_shapes_and_official_init():
     torch.testing.assert_close(out1, out2)
 
 
-def test_reverse_chain_equals_textbook_loop():
+def chain_problem(N: int, hidden: int, time_dim: int, T: int, S: int = 3, A: int = 2):
+    """A random denoiser (seed 0), the cosine schedule and chain inputs obs [N, S], x_T [N, A], noise [T, N, A]."""
     torch.manual_seed(0)
-    d = qvpo.Denoiser(3, 2, hidden_dim=32, time_dim=32, diffusion_steps=5)
-    sched = qvpo.DDPMSchedule(qvpo.cosine_beta_schedule(5), torch.device("cpu"))
-    obs, x, noise = torch.randn(7, 3), torch.randn(7, 2), torch.randn(5, 7, 2)
+    d = qvpo.Denoiser(S, A, hidden_dim=hidden, time_dim=time_dim, diffusion_steps=T)
+    sched = qvpo.DDPMSchedule(qvpo.cosine_beta_schedule(T), torch.device("cpu"))
+    return d, sched, torch.randn(N, S), torch.randn(N, A), torch.randn(T, N, A)
+
+
+def test_reverse_chain_equals_textbook_loop():
+    d, sched, obs, x, noise = chain_problem(7, 32, 32, 5)
     with torch.no_grad():
         out = qvpo.reverse_chain(d, sched, obs, x, noise)
         torch.testing.assert_close(out, textbook_reverse_chain(lambda x_t, t: d(obs, x_t, t), sched, x, noise))
@@ -79,10 +84,7 @@ def test_reverse_chain_equals_textbook_loop():
 
 def test_reverse_chain_triton_kernel_matches_torch():
     """--kernels triton: the "xts" chain of kernels/ (Triton's interpreter on CPU) equals the PyTorch loop."""
-    torch.manual_seed(0)
-    d = qvpo.Denoiser(3, 2, hidden_dim=16, time_dim=8, diffusion_steps=4)
-    sched = qvpo.DDPMSchedule(qvpo.cosine_beta_schedule(4), torch.device("cpu"))
-    obs, x, noise = torch.randn(5, 3), torch.randn(5, 2), torch.randn(4, 5, 2)
+    d, sched, obs, x, noise = chain_problem(5, 16, 8, 4)
     with torch.no_grad():
         ref = qvpo.reverse_chain(d, sched, obs, x, noise, backend="torch")
         out = qvpo.reverse_chain(d, sched, obs, x, noise, backend="triton")
