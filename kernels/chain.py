@@ -93,6 +93,17 @@ def _dense_mish_backward(d, w_ptr, w_s0, w_s1, z_ptr, d_ptr, row0, rows, rmask, 
 
 
 @triton.jit
+def _row_block(N, BM: tl.constexpr, BN: tl.constexpr, H: tl.constexpr, A, A_PAD: tl.constexpr):
+    """Index vectors of this program's block of BM rows: global rows (int64) and their mask, the BN / H / A_PAD column
+    ranges, the action-column mask and the [BM, A_PAD] mask of x-shaped tiles."""
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < N
+    cols_a = tl.arange(0, A_PAD)
+    amask = cols_a < A
+    return rows, rmask, tl.arange(0, BN), tl.arange(0, H), cols_a, amask, rmask[:, None] & amask[None, :]
+
+
+@triton.jit
 def _chain_fwd_kernel(
     state_ptr, st_s0, st_s1,  # [N, S] any float dtype, any strides
     x_ptr, x_s0, x_s1,  # [N, A] x_T
@@ -117,15 +128,9 @@ def _chain_fwd_kernel(
 ):
     DT = w2_ptr.dtype.element_ty
     ACC = tl.float64 if ACC_FP64 else tl.float32
-    pid = tl.program_id(0)
     GBM = tl.num_programs(0) * BM
-    rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)  # [BM] global rows; scratch rows are the same indices
-    rmask = rows < N
-    cols_n = tl.arange(0, BN)
-    cols_h = tl.arange(0, H)
-    cols_a = tl.arange(0, A_PAD)
-    amask = cols_a < A
-    xa_mask = rmask[:, None] & amask[None, :]
+    # rows: [BM] global rows; scratch rows are the same indices
+    rows, rmask, cols_n, cols_h, cols_a, amask, xa_mask = _row_block(N, BM, BN, H, A, A_PAD)
 
     # ---- state projection sp = state @ W1s^T, once per row block (K-chunked over S, N-chunked over H) ----
     for n0 in tl.static_range(0, H, BN):
@@ -229,14 +234,7 @@ def _chain_bwd_kernel(
 ):
     DT = w2_ptr.dtype.element_ty
     ACC = tl.float64 if ACC_FP64 else tl.float32
-    pid = tl.program_id(0)
-    rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < N
-    cols_n = tl.arange(0, BN)
-    cols_h = tl.arange(0, H)
-    cols_a = tl.arange(0, A_PAD)
-    amask = cols_a < A
-    xa_mask = rmask[:, None] & amask[None, :]
+    rows, rmask, cols_n, cols_h, cols_a, amask, xa_mask = _row_block(N, BM, BN, H, A, A_PAD)
 
     g = tl.load(gout_ptr + rows[:, None] * go_s0 + cols_a[None, :] * go_s1, mask=xa_mask, other=0.0).to(ACC)
 
