@@ -8,6 +8,7 @@ import numpy as np
 import offline_data
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
 
 import dtql
@@ -103,14 +104,57 @@ def test_policy_loss_trains_only_the_policy_and_reaches_it_through_both_terms():
     torch.manual_seed(0)
     actor, bc, critic = dtql.Actor(3, 2, 1.0, 32), dtql.ScoreNetwork(3, 2, 32, 16), dtql.Critic(3, 2, 32)
     s, a = torch.randn(16, 3), torch.rand(16, 2) * 1.8 - 0.9
-    total, tr, ql, nll = dtql.policy_loss(actor, bc, critic, s, a, 2.0, 0.5, 0.5, 0.002, 80.0)
+    eps, sigma, noise = torch.randn(16, 2), dtql.sample_sigma(16, 0.5, 0.002, 80.0, "cpu"), torch.randn(16, 2)
+    frozen = [*bc.parameters(), *critic.parameters()]
+    for p in frozen:  # as the training loop does
+        p.requires_grad_(False)
+    total, tr, ql, nll = dtql.policy_loss(actor, bc, critic, s, a, eps, sigma, noise, 2.0, 0.5, 0.5)
     torch.testing.assert_close(total, 2.0 * tr + ql + 0.5 * nll)
-    total.backward(inputs=list(actor.parameters()))
+    a_pi = actor.sample(s, eps)  # the same reparameterised actions: L_TR and L_Q by hand
+    torch.testing.assert_close(tr, dtql.edm_loss(bc, a_pi, s, sigma, noise, 0.5, 1.0))
+    torch.testing.assert_close(ql, -critic.q_min(s, a_pi).mean())
+    total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
     assert all(p.grad is None for p in [*bc.parameters(), *critic.parameters()])
     # gamma = 0 skips the NLL term
-    _, _, _, nll0 = dtql.policy_loss(actor, bc, critic, s, a, 1.0, 0.0, 0.5, 0.002, 80.0)
+    _, _, _, nll0 = dtql.policy_loss(actor, bc, critic, s, a, eps, sigma, noise, 1.0, 0.0, 0.5)
     assert nll0.item() == 0.0
+
+
+def losses_and_grads(critic_fn, edm_fn, policy_fn):
+    """One step's three losses (critic, BC, policy) and the gradients the loop steps with; Hopper-sized with TINY's
+    width and batch, so the smoke run's compiled losses can come from inductor's cache."""
+    torch.manual_seed(0)
+    S, A, B, H = 11, 3, 32, 32
+    bc, actor, critic = dtql.ScoreNetwork(S, A, H, 16), dtql.Actor(S, A, 1.0, H), dtql.Critic(S, A, H)
+    s, s2, a = torch.randn(B, S), torch.randn(B, S), torch.rand(B, A) * 1.8 - 0.9
+    r, not_done = torch.randn(B, 1), (torch.rand(B, 1) > 0.1).float()
+    sigma, eps, noise = dtql.sample_sigma(B, 0.5, 0.002, 80.0, "cpu"), torch.randn(B, A), torch.randn(B, A)
+    critic_total = critic_fn(critic, s, a, r, s2, not_done, 0.99, 0.7)[0]
+    bc_total = edm_fn(bc, a, s, sigma, noise, 0.5, 1.0)
+    (critic_total + bc_total).backward()
+    grads = [p.grad.clone() for p in [*critic.parameters(), *bc.parameters()]]
+    for p in [*bc.parameters(), *critic.parameters()]:
+        p.requires_grad_(False)
+    policy = policy_fn(actor, bc, critic, s, a, eps, sigma, noise, 1.0, 0.5, 0.5)
+    policy[0].backward()
+    return [critic_total, bc_total, *policy], grads + [p.grad for p in actor.parameters()]
+
+
+def test_compiled_losses_give_the_eager_losses_and_gradients():
+    """--compile fuses the three losses (one-exp Mish inside); the math must stay the eager one."""
+    eager = losses_and_grads(dtql.critic_loss, dtql.edm_loss, dtql.policy_loss)
+    compiled = losses_and_grads(*(torch.compile(f, dynamic=False) for f in (dtql.critic_loss, dtql.edm_loss,
+                                                                             dtql.policy_loss)))
+    for c, e in zip(compiled[0], eager[0]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    for c, e in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
+
+
+def test_one_exp_mish_matches_f_mish():
+    z = torch.cat([torch.linspace(-100.0, 60.0, 801, dtype=torch.float64), torch.tensor([0.0, 19.99, 20.0, 20.01])])
+    torch.testing.assert_close(dtql.mish_one_exp(z), F.mish(z), rtol=1e-12, atol=1e-12)
 
 
 def test_expectile_loss_hand_checked():
@@ -229,6 +273,7 @@ def test_smoke_run_logs_and_resumes_exactly(tmp_path, minari_root):
                 "last_normalized_score", "train_ms_per_step", "main_ms_per_step"):
         assert summary[key] is not None, key
     assert summary["last_normalized_score"] == pytest.approx(summary["eval"][-1]["normalized_score"])
+    assert summary["compile"] is True  # the compiled losses, also through the bit-identical resume below
     scalars = tensorboard_scalars(run_dir)
     for tag in ("charts/SPS", "losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/qf1_values",
                 "losses/actor_loss", "losses/alpha", "losses/bc_loss", "losses/value_loss", "losses/trust_region_loss",
@@ -262,7 +307,7 @@ def test_bandit_one_step_policy_picks_the_best_mode(tmp_path, minari_root):
     run_script("dtql.py", "--dataset-id", "toy/multimodal-bandit-v0", "--hidden-dim", "64", "--lr", "3e-3",
                "--critic-lr", "3e-3", "--alpha", "0.2", "--lr-decay", "False", "--pretrain-steps", "300",
                "--total-timesteps", "500", "--eval-frequency", "500", "--eval-episodes", "50", "--log-frequency", "100",
-               "--save-model", cwd=tmp_path, env=ONE_THREAD)
+               "--save-model", "--no-compile", cwd=tmp_path, env=ONE_THREAD)
     (run_dir,) = run_dirs(tmp_path)
     summary = read_summary(run_dir)
     # any mode but the best pays at most 0.6: a mean return above 0.7 needs most of the 50 actions on mode 0
@@ -283,7 +328,7 @@ def test_bandit_one_step_policy_picks_the_best_mode(tmp_path, minari_root):
     (["--batch-size", "0"], ["--batch-size", "positive"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, minari_root, flags, needles):
-    proc = run_script("dtql.py", *TINY, *flags, cwd=tmp_path, check=False, env={"HF_HUB_OFFLINE": "1", **ONE_THREAD})
+    proc = run_script("dtql.py", *TINY, *flags, "--no-compile", cwd=tmp_path, check=False, env={"HF_HUB_OFFLINE": "1", **ONE_THREAD})
     assert_one_line_error(proc, "dtql.py: error:", *needles)
     assert not (tmp_path / "runs").exists()
 
