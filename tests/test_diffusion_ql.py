@@ -161,14 +161,15 @@ def losses_and_grads(fn_critic, fn_actor, use_qf1: bool):
 def test_compiled_losses_give_the_eager_losses_and_gradients():
     """--compile fuses both losses (one-exp Mish inside); the math must stay the eager one. Inductor's C++ backend
     must build on the CI CPU (a cold cache compiles for ~1 min there)."""
-    eager = losses_and_grads(dql.critic_losses, dql.actor_losses, use_qf1=False)
     critic, actor = torch.compile(dql.critic_losses, dynamic=False), torch.compile(dql.actor_losses, dynamic=False)
-    compiled = losses_and_grads(critic, actor, use_qf1=False)
-    for c, e in zip(compiled[0], eager[0]):
-        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
-    for c, e in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(eager[0][3], losses_and_grads(dql.critic_losses, dql.actor_losses, True)[0][3])
+    for use_qf1 in (False, True):  # both heads' variants (the training loop compiles both)
+        eager = losses_and_grads(dql.critic_losses, dql.actor_losses, use_qf1)
+        compiled = losses_and_grads(critic, actor, use_qf1)
+        for c, e in zip(compiled[0], eager[0]):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+        for c, e in zip(compiled[1], eager[1]):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(eager[0][3], losses_and_grads(dql.critic_losses, dql.actor_losses, False)[0][3])
 
 
 def test_q_term_normalises_by_the_other_heads_mean_abs_q_without_gradient():
