@@ -159,7 +159,7 @@ class Args:
     time_dim: int = 16
     """size of the sinusoidal time embedding"""
     compile: bool = True
-    """torch.compile the critic and actor losses, forward and backward (with --kernels torch; ~1.3x faster steps on
+    """torch.compile the critic and actor losses, forward and backward (with --kernels torch; ~1.5x faster steps on
     CPU; the first run compiles for ~1 min, later runs load inductor's cache); eager with a warning if it fails"""
 
 

@@ -178,7 +178,7 @@ class Args:
     time_dim: int = 16
     """size of the sinusoidal embedding of ln(sigma) / 4"""
     compile: bool = True
-    """torch.compile the critic, BC and policy losses, forward and backward (~1.25x faster steps on CPU; the first run
+    """torch.compile the critic, BC and policy losses, forward and backward (~1.2x faster steps on CPU; the first run
     compiles for ~1 min, later runs load inductor's cache); eager with a warning if it fails"""
 
 
