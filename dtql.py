@@ -685,7 +685,8 @@ if __name__ == "__main__":
         scores = [e["normalized_score"] for e in eval_history if e.get("normalized_score") is not None]
         summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
-                   "global_step": global_step, "pretrain_steps": args.pretrain_steps, "kernels": "none (no reverse chain)", "compile": args.compile,
+                   "global_step": global_step, "pretrain_steps": args.pretrain_steps,
+                   "kernels": "none (no reverse chain)", "compile": args.compile,
                    "device": str(device), "preset": task, "best_normalized_score": max(scores) if scores else None,
                    "last_normalized_score": scores[-1] if scores else None,
                    # wall ms per gradient step of this session without evaluation: all steps, and main-loop steps only
@@ -723,7 +724,8 @@ if __name__ == "__main__":
 
     compute_critic_loss, compute_edm_loss, compute_policy_loss = critic_loss, edm_loss, policy_loss
     if args.compile:  # one fused forward+backward per loss
-        compute_critic_loss, compute_edm_loss, compute_policy_loss = map(compile_or_eager, (critic_loss, edm_loss, policy_loss))
+        compute_critic_loss, compute_edm_loss, compute_policy_loss = (compile_or_eager(f) for f in
+                                                                       (critic_loss, edm_loss, policy_loss))
 
     def critic_update(s, a, r, s_next, not_dones) -> None:
         loss, v_loss, q1_loss, q2_loss, q1, q2 = compute_critic_loss(critic, s, a, r, s_next, not_dones, args.gamma,
