@@ -1,7 +1,7 @@
 """Fused DDPM reverse chain in Triton: one launch runs all T denoising steps of the 4-layer Mish MLP for a row block.
 
 Layout follows the Triton tutorials: kernels (`_chain_fwd_kernel`, `_chain_bwd_kernel`) -> launch helpers ->
-`torch.autograd.Function` -> the public `reverse_chain` (the API of CONVENTIONS.md).
+`torch.autograd.Function` -> the public `reverse_chain` (its API is in kernels/README.md).
 
 Algebra (kernels.md §3.2). With W1 split by input block, layer 1 of step t is
     z1 = x_t @ W1x^T + (state @ W1s^T) + (temb[t] @ W1t^T + b1)

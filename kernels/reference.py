@@ -1,6 +1,6 @@
 """Plain-PyTorch reference for the fused kernels: the denoiser MLP, the DDPM reverse step, the T-step chain, schedules.
 
-Everything here is ordinary autograd code, written to match the five scripts (and CONVENTIONS.md "Kernels API")
+Everything here is ordinary autograd code, written to match the five scripts (and the API in kernels/README.md)
 term by term, so the Triton kernels in `kernels/chain.py` can be checked against it in any dtype (fp64 for gradcheck).
 It is independent of the kernels: nothing in this file imports Triton.
 """
@@ -42,7 +42,7 @@ SCHEDULES = {"linear": linear_betas, "vp": vp_betas, "cosine": cosine_betas}
 
 
 def ddpm_coefficients(betas: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The DDPM posterior coefficients of CONVENTIONS.md, computed in float64 ([T] each)."""
+    """The DDPM posterior coefficients (kernels/README.md, "API"), computed in float64 ([T] each)."""
     betas = betas.to(torch.float64)
     alphas = 1.0 - betas
     ac = torch.cumprod(alphas, 0)
