@@ -140,10 +140,15 @@ def fail(message: str) -> None:
 def check_args(args: Args) -> None:
     positive = ["total_timesteps", "num_envs", "batch_size", "eval_frequency", "eval_episodes", "diffusion_steps",
                 "log_frequency", "checkpoint_frequency", "buffer_size", "policy_frequency", "num_particles",
-                "num_reverse_samples", "alpha_frequency", "hidden_dim"]
+                "num_reverse_samples", "alpha_frequency", "hidden_dim", "q_lr", "policy_lr", "policy_lr_end",
+                "policy_lr_decay_steps", "alpha_lr", "init_noise_scale"]
     for name in positive:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.noise_scale < 0 or args.policy_lr_decay_begin < 0:
+        fail("--noise-scale and --policy-lr-decay-begin must be >= 0")
+    if not 0 < args.beta_schedule_scale * 0.999 < 1:
+        fail(f"--beta-schedule-scale must be in (0, 1/0.999) so every beta is in (0, 1), got {args.beta_schedule_scale}")
     if args.learning_starts < 0 or args.learning_starts > args.buffer_size:
         fail(f"--learning-starts must be in [0, buffer-size={args.buffer_size}], got {args.learning_starts}")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
@@ -156,6 +161,29 @@ def check_args(args: Args) -> None:
         fail(f"--max-episode-steps must be positive, got {args.max_episode_steps}")
     if args.resume and not os.path.isfile(args.resume):
         fail(f"--resume: no checkpoint at {args.resume!r} (runs/<run_name>/checkpoint.pt is written by --save-model)")
+
+
+# Flags that fix the shapes of the saved networks and buffer: a resumed run must keep them.
+SHAPE_ARGS = ("env_id", "hidden_dim", "time_dim", "diffusion_steps", "buffer_size")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with a one-line error for a file that is not one of this script's checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a pickle, ...
+        fail(f"--resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})")
+    if not (isinstance(checkpoint, dict) and "global_step" in checkpoint
+            and set(checkpoint.get("args", {"?": 0})) <= set(Args.__dataclass_fields__)):
+        fail(f"--resume: {path!r} is not a checkpoint written by {SCRIPT} --save-model")
+    return checkpoint
+
+
+def check_resume_args(args: Args, saved: dict) -> None:
+    for name in SHAPE_ARGS:
+        if getattr(args, name) != saved.get(name, getattr(args, name)):
+            fail(f"--resume: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]}; it fixes the saved networks' or buffer's shape, so leave it unset")
 
 
 def make_env(env_id: str, seed: int, max_episode_steps: int | None = None, video_dir: str | None = None):
@@ -184,10 +212,28 @@ def check_env(env_id: str) -> None:
     env.close()
     if not isinstance(act, gym.spaces.Box):
         fail(f"{env_id} has a {type(act).__name__} action space; {SCRIPT} needs a continuous Box action space")
+    if len(act.shape) != 1:
+        fail(f"{env_id} has actions of shape {act.shape}; {SCRIPT} needs a 1-D Box action space")
     if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
         fail(f"{env_id} has unbounded actions; the diffusion policy needs finite Box bounds")
     if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
         fail(f"{env_id} has observation space {obs}; {SCRIPT} needs a flat Box (wrap it with FlattenObservation)")
+
+
+def check_video(env_id: str) -> None:
+    """--capture-video renders only at the first evaluation: fail now, not hours into the run, if it cannot."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as e:  # no OpenGL context, no pygame, ...
+        fail(f"--capture-video: {env_id} cannot render ({type(e).__name__}: {e}); on a headless machine set "
+             "MUJOCO_GL=egl (or osmesa)")
 
 
 class ReplayBuffer:
@@ -413,15 +459,13 @@ if __name__ == "__main__":
     check_args(args)
     checkpoint = None
     if args.resume:  # the saved flags become the defaults; flags given now override them
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(args.resume)
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
         check_args(args)
+        check_resume_args(args, checkpoint["args"])
     check_env(args.env_id)
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+        check_video(args.env_id)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
     os.makedirs(run_dir, exist_ok=True)
@@ -630,8 +674,11 @@ if __name__ == "__main__":
                                 or global_step >= args.total_timesteps):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
 
+    if global_step == start_step and not eval_history:  # resumed at or past --total-timesteps before any evaluation
+        run_evaluation()
     wall = time.time() - start_time
-    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    if global_step > start_step:  # a resume with nothing left to do keeps the summary's SPS
+        write_summary(prior_wall + wall, (global_step - start_step) / wall)
     print(f"done: {global_step:,} env steps in {wall:.0f} s; final eval return {eval_history[-1]['mean_return']:.2f}; "
           f"summary in {os.path.join(run_dir, 'summary.json')}")
     envs.close()

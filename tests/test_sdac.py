@@ -134,6 +134,29 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["global_step"] == 240 and ckpt["rb"]["size"] == 240
     assert ckpt["update_step"] == (240 - 64) // 2 + 1
+    # Row k holds env k % 2 at vector step k // 2: its next_obs is the next row's obs except where an episode was
+    # truncated (every 40 steps), where it is the true final obs, not the reset obs; truncations store done = 0.
+    obs, next_obs, _, _, dones = ckpt["rb"]["data"]
+    continues = (next_obs[:-2] == obs[2:]).all(1)
+    ends = torch.arange(len(obs) - 2) // 2 % 40 == 39
+    assert torch.equal(~continues, ends) and ends.sum() == 4 and dones.sum() == 0  # steps 40 and 80, two envs
+
+    # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
+    for flags, needle in ((["--hidden-dim", "64"], "--hidden-dim"), (["--total-timesteps", "300"], "checkpoint")):
+        path = run_dir / "checkpoint.pt" if flags[0] == "--hidden-dim" else run_dir / "summary.json"
+        proc = run_script("sdac.py", "--resume", str(path), *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(proc, "--resume", needle)
+
+
+def test_terminations_cut_the_bootstrap_and_keep_the_final_obs(tmp_path):
+    """InvertedPendulum-v5 terminates within ~10 random steps: those rows store done = 1 and the terminal obs."""
+    run_script("sdac.py", *TINY, "--env-id", "InvertedPendulum-v5", "--total-timesteps", "80", "--save-model",
+               "--eval-frequency", "80", "--eval-episodes", "1", cwd=tmp_path)
+    ckpt = torch.load(run_dirs(tmp_path)[0] / "checkpoint.pt", weights_only=False)
+    obs, next_obs, _, _, dones = ckpt["rb"]["data"]
+    ended = ~(next_obs[:-2] == obs[2:]).all(1)
+    assert dones.sum() >= 4 and torch.equal(ended, dones[:-2].bool())  # every episode end here is a termination
+    assert (next_obs[dones.bool(), 1].abs() > 0.2).all()  # the pole angle that terminated it, not a reset state
 
 
 @pytest.mark.parametrize("flags, needles", [
@@ -142,11 +165,25 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     (["--batch-size", "0"], ["--batch-size"]),
     (["--gamma", "1.5"], ["--gamma"]),
     (["--resume", "missing/checkpoint.pt"], ["--resume"]),
+    (["--policy-lr-decay-steps", "0"], ["--policy-lr-decay-steps"]),
+    (["--beta-schedule-scale", "2"], ["--beta-schedule-scale"]),
+    (["--q-lr", "-1"], ["--q-lr"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
     proc = run_script("sdac.py", *TINY, "--total-timesteps", "10", *flags, cwd=tmp_path, check=False)
     assert_one_line_error(proc, *needles)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_capture_video_without_moviepy_fails_at_start(tmp_path):
+    try:
+        import moviepy  # noqa: F401
+        pytest.skip("moviepy is installed, so --capture-video does not fail here")
+    except ImportError:
+        pass
+    proc = run_script("sdac.py", *TINY, "--total-timesteps", "10", "--capture-video", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "pip install moviepy")
+    assert not run_dirs(tmp_path)  # failed before creating the run directory
 
 
 def test_learns_pendulum(tmp_path):
