@@ -439,9 +439,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resolve_backend(choice: str, device: torch.device) -> str:
+def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
     """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
     if choice == "torch":
+        return "torch"
+    if hidden_dim < 16 or hidden_dim & (hidden_dim - 1):  # the fused kernel tiles H in power-of-two chunks
+        if choice == "triton":
+            fail(f"--kernels triton needs --hidden-dim a power of two >= 16, got {hidden_dim}; use --kernels torch")
         return "torch"
     try:
         import kernels
@@ -484,7 +488,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    backend = resolve_backend(args.kernels, device)
+    backend = resolve_backend(args.kernels, device, args.hidden_dim)
 
     # env setup: SAME_STEP autoreset, so the true final observation of an episode arrives in infos["final_obs"]
     envs = gym.vector.SyncVectorEnv(

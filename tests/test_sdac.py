@@ -168,6 +168,7 @@ def test_terminations_cut_the_bootstrap_and_keep_the_final_obs(tmp_path):
     (["--policy-lr-decay-steps", "0"], ["--policy-lr-decay-steps"]),
     (["--beta-schedule-scale", "2"], ["--beta-schedule-scale"]),
     (["--q-lr", "-1"], ["--q-lr"]),
+    (["--kernels", "triton", "--hidden-dim", "48"], ["--hidden-dim", "power of two"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
     proc = run_script("sdac.py", *TINY, "--total-timesteps", "10", *flags, cwd=tmp_path, check=False)
