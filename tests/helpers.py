@@ -46,11 +46,12 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """Bad input must exit non-zero with a short message and no Python traceback."""
+    """Bad input must exit non-zero with one line on stderr (what is wrong and what to do) and no Python traceback."""
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr
     message = proc.stderr.strip()
     assert message, "no error message on stderr"
+    assert len(message.splitlines()) == 1, message
     for needle in needles:
         assert needle.lower() in message.lower(), message
 
