@@ -3,7 +3,7 @@
 Layout follows the Triton tutorials: kernels (`_chain_fwd_kernel`, `_chain_bwd_kernel`) -> launch helpers ->
 `torch.autograd.Function` -> the public `reverse_chain` (its API is in kernels/README.md).
 
-Algebra (kernels.md §3.2). With W1 split by input block, layer 1 of step t is
+Algebra (kernels/README.md, "Design"). With W1 split by input block, layer 1 of step t is
     z1 = x_t @ W1x^T + (state @ W1s^T) + (temb[t] @ W1t^T + b1)
 The state projection sp = state @ W1s^T is computed once per row block before the step loop (inside the kernel);
 the time-bias table tb[t] = temb[t] @ W1t^T + b1 ([T, H]) is computed once per call with ordinary PyTorch ops,
@@ -19,7 +19,7 @@ Precision. Dot operands are in the weights' dtype (fp32, fp16, bf16 on GPU, fp64
 biases, the state projection and all DDPM arithmetic are fp32 (fp64 when the weights are fp64). fp32 dots use IEEE
 fp32 unless `torch.backends.cuda.matmul.allow_tf32` is set, mirroring what PyTorch's own matmul does.
 
-Backward (kernels.md §5.2). The training-mode forward stores x_t ([T, N, A]) and the three pre-activations z1..z3
+Backward (kernels/README.md, "Design"). The training-mode forward stores x_t ([T, N, A]) and the three pre-activations z1..z3
 ([3, T, N, H]) to a workspace. `_chain_bwd_kernel` is row-parallel and walks t = 0 -> T-1 (the reverse of sampling):
 it recomputes eps from z3, applies the DDPM step's Jacobian (clip mask included; noise has no gradient), pushes the
 gradient through the four layers with W^T tiles and mish'(z), writes the per-layer deltas d1..d4 to the workspace and
@@ -192,8 +192,8 @@ def _chain_fwd_kernel(
         if TRAINING:
             tl.store(wsx_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], x, mask=xa_mask)
         x0 = sra * x - srm1 * eps
-        if HAS_CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -clip_val), clip_val)
+        if HAS_CLIP:  # NaN stays NaN, as in torch.clamp (tl.minimum/maximum would turn it into +-clip)
+            x0 = tl.where(x0 != x0, x0, tl.minimum(tl.maximum(x0, -clip_val), clip_val))
         xn = c1 * x0 + c2 * x
         if FINAL_NOISE:
             nmask = xa_mask
@@ -240,7 +240,7 @@ def _chain_bwd_kernel(
 
     for t in range(T):  # sampling ran t = T-1 .. 0, so the gradient flows t = 0 .. T-1
         zrow = (t * N + rows[:, None]) * H  # row offset inside one [T, N, H] slab
-        slab = T * N * H
+        slab = T.to(tl.int64) * N * H  # int64: 3 * slab passes 2^31 at T=20, H=512 from N ~ 70k rows
         xin = tl.load(wsx_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], mask=xa_mask, other=0.0)
         sra = tl.load(coef_ptr + 0 * T + t)
         srm1 = tl.load(coef_ptr + 1 * T + t)
@@ -544,6 +544,7 @@ def reverse_chain(layers, state, x, temb, betas, order, noise=None, seed=None, c
     # [T, H] time-bias table, in PyTorch so autograd owns its gradient (temb, W1t, b1).
     tb = torch.addmm(b1.to(acc), temb.to(acc), W1t.to(acc).t()).contiguous()
     coef = _coef_table(betas, final_noise, dev, acc)
+    b2, b3, b4 = b2.contiguous(), b3.contiguous(), b4.contiguous()  # the kernels read biases with unit stride
     args = (state, x, tb, W1s, W1x, W2, b2, W3, b3, W4, b4)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args):
         return _ReverseChainFn.apply((clip, final_noise), *args, coef, noise, seed)
