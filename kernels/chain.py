@@ -240,7 +240,7 @@ def _chain_bwd_kernel(
 
     for t in range(T):  # sampling ran t = T-1 .. 0, so the gradient flows t = 0 .. T-1
         zrow = (t * N + rows[:, None]) * H  # row offset inside one [T, N, H] slab
-        slab = T.to(tl.int64) * N * H  # int64: 3 * slab passes 2^31 at T=20, H=512 from N ~ 70k rows
+        slab = tl.cast(T, tl.int64) * N * H  # int64: 3 * slab passes 2^31 at T=20, H=512 from N ~ 70k rows
         xin = tl.load(wsx_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], mask=xa_mask, other=0.0)
         sra = tl.load(coef_ptr + 0 * T + t)
         srm1 = tl.load(coef_ptr + 1 * T + t)
