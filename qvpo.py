@@ -10,12 +10,15 @@ Deviations from the official code (each deliberate; README.md#qvpo explains them
 2. Time-limit truncations bootstrap: only `terminated` cuts the TD target. The official gym-0.21 loop sets
    mask = 0 on every `done`, which includes the 1000-step TimeLimit, i.e. it treats truncation as terminal.
 3. The time embedding is computed once per chain for t = 0..T-1 ([T, E]) and the first denoiser layer is split so
-   the state projection is computed once per reverse chain; both give the official outputs.
+   the state projection is computed once per reverse chain, and the TD target reuses the target critics' min-Q of
+   the kept candidate (the max over the candidates) instead of scoring it again; all give the official outputs.
 4. `chosen` (keep the top-k of the 64 samples) is fixed at the official default 1; the DIPO-only action-gradient
    mode (no --aug) and the `--epsilon` uniform-exploration branch (off by default) are not carried over.
 Kept as in the official code: the 10k random warm-up is counted in `total_timesteps`, rewards are raw, the critic and
 the actor draw different replay batches, the actor's samples are scored by the just-updated critic, and omega is
-the schedule at the steps taken before the current one (the official first update uses 0.02 instead of 0.0198).
+the schedule at the steps taken before the current one (the official first update uses 0.02 instead of 0.0198),
+decayed over --entropy-decay-steps (default: the first start's total_timesteps, the official num_steps; saved, so a
+resume with a larger budget keeps it), and omega = 0 drops the uniform rows (the official `if entropy_alpha > 0`).
 """
 
 import json
@@ -110,9 +113,12 @@ class Args:
     """weight of the kept sample: qadv = max(Q - mean_64 Q, 0); qrelu = max(Q, 0); qcut = max(Q, 1);
     qexpn = exp(clip((Q - m) / sd, -8, 8)); qcut0n / qcut1n = max(Q - m, 0 / 1) (m, sd: running mean/std of Q)"""
     entropy_alpha: float = 0.02
-    """initial weight omega of the uniform-action entropy rows, decayed linearly over total_timesteps"""
+    """initial weight omega of the uniform-action entropy rows, decayed linearly over entropy_decay_steps"""
     entropy_alpha_min: float = 0.002
-    """floor of omega (reached at 90% of the run with the defaults)"""
+    """floor of omega (reached at 90% of entropy_decay_steps with the defaults); omega 0 drops the uniform rows"""
+    entropy_decay_steps: int | None = None
+    """env steps over which omega decays linearly to 0, floored at entropy_alpha_min. None: the total_timesteps of
+    the run's first start (the official num_steps), saved so a resume with more --total-timesteps keeps omega's pace"""
     num_uniform: int = 10
     """uniform actions per state in the entropy term (N_e)"""
     hidden_dim: int = 256
@@ -132,25 +138,56 @@ def fail(message: str) -> None:
 def check_args(args: Args) -> None:
     positive = ["total_timesteps", "num_envs", "batch_size", "eval_frequency", "eval_episodes", "diffusion_steps",
                 "log_frequency", "checkpoint_frequency", "buffer_size", "train_samples", "behavior_samples",
-                "target_samples", "eval_samples", "hidden_dim"]
+                "target_samples", "eval_samples", "hidden_dim", "q_lr", "policy_lr", "adam_eps"]
+    for name, value in vars(args).items():  # nan passes every comparison below and inf breaks Adam or omega * w
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in positive:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.entropy_decay_steps is not None and args.entropy_decay_steps <= 0:
+        fail(f"--entropy-decay-steps must be positive, got {args.entropy_decay_steps}")
+    if args.max_grad_norm < 0 or args.num_uniform < 0:
+        fail("--max-grad-norm and --num-uniform must be >= 0")
+    if args.batch_size * args.train_samples < 2:
+        fail("--batch-size x --train-samples must be >= 2 (the running std of the sampled Q needs two values)")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32) (numpy's seed range), got {args.seed}")
     if args.learning_starts < 0 or args.learning_starts > args.buffer_size:
         fail(f"--learning-starts must be in [0, buffer-size={args.buffer_size}], got {args.learning_starts}")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
         fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
-    if args.policy_lr <= 0 or args.q_lr <= 0 or args.adam_eps <= 0 or args.max_grad_norm < 0:
-        fail("--policy-lr, --q-lr and --adam-eps must be positive and --max-grad-norm non-negative")
-    if args.num_uniform < 0 or not 0 <= args.entropy_alpha_min <= args.entropy_alpha:
-        fail(f"need --num-uniform >= 0 and 0 <= --entropy-alpha-min <= --entropy-alpha, got {args.num_uniform}, "
-             f"{args.entropy_alpha_min}, {args.entropy_alpha}")
+    if not 0 <= args.entropy_alpha_min <= args.entropy_alpha:
+        fail(f"need 0 <= --entropy-alpha-min <= --entropy-alpha, got {args.entropy_alpha_min} and {args.entropy_alpha}")
     if args.time_dim < 4 or args.time_dim % 2:
         fail(f"--time-dim must be an even number >= 4, got {args.time_dim}")
     if args.max_episode_steps is not None and args.max_episode_steps <= 0:
         fail(f"--max-episode-steps must be positive, got {args.max_episode_steps}")
     if args.resume and not os.path.isfile(args.resume):
         fail(f"--resume: no checkpoint at {args.resume!r} (runs/<run_name>/checkpoint.pt is written by --save-model)")
+
+
+# Flags that fix the shapes of the saved networks and buffer: a resumed run must keep them.
+SHAPE_ARGS = ("env_id", "hidden_dim", "time_dim", "diffusion_steps", "buffer_size")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with a one-line error for a file that is not one of this script's checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a pickle, ...
+        fail(f"--resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})")
+    if not (isinstance(checkpoint, dict) and "global_step" in checkpoint
+            and set(checkpoint.get("args", {"?": 0})) <= set(Args.__dataclass_fields__)):
+        fail(f"--resume: {path!r} is not a checkpoint written by {SCRIPT} --save-model")
+    return checkpoint
+
+
+def check_resume_args(args: Args, saved: dict) -> None:
+    for name in SHAPE_ARGS:
+        if getattr(args, name) != saved.get(name, getattr(args, name)):
+            fail(f"--resume: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]}; it fixes the saved networks' or buffer's shape, so leave it unset")
 
 
 def make_env(env_id: str, seed: int, max_episode_steps: int | None = None, video_dir: str | None = None):
@@ -179,10 +216,28 @@ def check_env(env_id: str) -> None:
     env.close()
     if not isinstance(act, gym.spaces.Box):
         fail(f"{env_id} has a {type(act).__name__} action space; {SCRIPT} needs a continuous Box action space")
+    if len(act.shape) != 1:
+        fail(f"{env_id} has actions of shape {act.shape}; {SCRIPT} needs a 1-D Box action space")
     if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
         fail(f"{env_id} has unbounded actions; the diffusion policy needs finite Box bounds")
     if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
         fail(f"{env_id} has observation space {obs}; {SCRIPT} needs a flat Box (wrap it with FlattenObservation)")
+
+
+def check_video(env_id: str) -> None:
+    """--capture-video renders only at the first evaluation: fail now, not hours into the run, if it cannot."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as e:  # no OpenGL context, no pygame, ...
+        fail(f"--capture-video: {env_id} cannot render ({type(e).__name__}: {e}); on a headless machine set "
+             "MUJOCO_GL=egl (or osmesa)")
 
 
 class ReplayBuffer:
@@ -371,16 +426,19 @@ def q_weights(q: torch.Tensor, transform: str, running_mean: torch.Tensor | floa
     raise ValueError(f"unknown q_transform {transform!r}")
 
 
-def entropy_weight(step: int, total_steps: int, initial: float, final: float) -> float:
-    """omega: linear decay initial -> final over total_steps, floored at final (official `main.py` L193)."""
-    return min(initial, max(final, initial - initial * step / total_steps))
+def entropy_weight(step: int, decay_steps: int, initial: float, final: float) -> float:
+    """omega = initial * (1 - step / decay_steps), floored at final (official `main.py` L193, num_steps there)."""
+    return min(initial, max(final, initial - initial * step / decay_steps))
 
 
 def actor_rows(obs: torch.Tensor, best_actions: torch.Tensor, weights: torch.Tensor, omega: float,
                num_uniform: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows of the actor loss: the B kept samples with weight w(s), then num_uniform blocks of B uniform actions
     in [-1, 1]^A with weight omega * w(s). obs [B, S], best_actions [B, A], weights [B] -> obs [(1 + N_e) B, S],
-    actions [(1 + N_e) B, A], weights [(1 + N_e) B]; row j*B + b belongs to state b (the official layout)."""
+    actions [(1 + N_e) B, A], weights [(1 + N_e) B]; row j*B + b belongs to state b (the official layout).
+    omega == 0 (a Python float, no sync) drops the uniform rows, as the official `if entropy_alpha > 0`."""
+    if omega == 0:
+        return obs, best_actions, weights
     uniform = 2.0 * torch.rand(num_uniform * len(obs), best_actions.shape[1], device=obs.device) - 1.0
     return (obs.repeat(1 + num_uniform, 1), torch.cat([best_actions, uniform]),
             torch.cat([weights, omega * weights.repeat(num_uniform)]))
@@ -429,9 +487,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resolve_backend(choice: str, device: torch.device) -> str:
+def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
     """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
     if choice == "torch":
+        return "torch"
+    if hidden_dim < 16 or hidden_dim & (hidden_dim - 1):  # the fused kernel tiles H in power-of-two chunks
+        if choice == "triton":
+            fail(f"--kernels triton needs --hidden-dim a power of two >= 16, got {hidden_dim}; use --kernels torch")
         return "torch"
     try:
         import kernels
@@ -449,15 +511,15 @@ if __name__ == "__main__":
     check_args(args)
     checkpoint = None
     if args.resume:  # the saved flags become the defaults; flags given now override them
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(args.resume)
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
         check_args(args)
+        check_resume_args(args, checkpoint["args"])
+    if args.entropy_decay_steps is None:  # fixed at the first start and saved, so a longer resumed run keeps it
+        args.entropy_decay_steps = checkpoint["args"]["total_timesteps"] if checkpoint else args.total_timesteps
     check_env(args.env_id)
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+        check_video(args.env_id)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
     os.makedirs(run_dir, exist_ok=True)
@@ -476,7 +538,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    backend = resolve_backend(args.kernels, device)
+    backend = resolve_backend(args.kernels, device, args.hidden_dim)
 
     # env setup: SAME_STEP autoreset, so the true final observation of an episode arrives in infos["final_obs"]
     envs = gym.vector.SyncVectorEnv(
@@ -554,7 +616,7 @@ if __name__ == "__main__":
     obs, _ = envs.reset(seed=args.seed + global_step)
     while global_step < args.total_timesteps:
         # ALGO LOGIC: put action logic here
-        alpha = entropy_weight(global_step, args.total_timesteps, args.entropy_alpha, args.entropy_alpha_min)
+        alpha = entropy_weight(global_step, args.entropy_decay_steps, args.entropy_alpha, args.entropy_alpha_min)
         if rb.size < args.learning_starts:
             actions = envs.action_space.sample()
         else:
@@ -586,9 +648,10 @@ if __name__ == "__main__":
         if rb.size >= args.learning_starts:
             b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
             with torch.no_grad():  # TD target: the EMA actor's best of target_samples by the target critics
-                next_actions, _ = sample_actions(actor_target, qf1_target, qf2_target, schedule, b_next_obs,
-                                                 args.target_samples, backend)
-                target_q = torch.min(qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions))
+                # the kept candidate's min-Q is the max over the candidates: no second target-critic pass needed
+                _, next_q = sample_actions(actor_target, qf1_target, qf2_target, schedule, b_next_obs,
+                                           args.target_samples, backend)
+                target_q = next_q.max(1).values
                 td_target = b_rewards + args.gamma * (1.0 - b_dones) * target_q
 
             qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
@@ -646,8 +709,11 @@ if __name__ == "__main__":
                                 or global_step >= args.total_timesteps):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
 
+    if global_step == start_step and not eval_history:  # resumed at or past --total-timesteps before any evaluation
+        run_evaluation()
     wall = time.time() - start_time
-    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    if global_step > start_step:  # a resume with nothing left to do keeps the summary's SPS
+        write_summary(prior_wall + wall, (global_step - start_step) / wall)
     print(f"done: {global_step:,} env steps in {wall:.0f} s; final eval return {eval_history[-1]['mean_return']:.2f}; "
           f"summary in {os.path.join(run_dir, 'summary.json')}")
     envs.close()

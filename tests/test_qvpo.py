@@ -111,6 +111,8 @@ def test_sample_actions_keeps_best_and_returns_all_q():
         cands = qvpo.reverse_chain(d, sched, obs_rep, x, noise).clamp(-1, 1).view(6, 10, 2)
     torch.testing.assert_close(q_all, q(None, cands))
     torch.testing.assert_close(best, cands[torch.arange(6), q_all.argmax(1)])
+    # the TD target uses q_all.max(1) as the kept candidate's min-Q instead of scoring it a second time
+    torch.testing.assert_close(q_all.max(1).values, q(obs, best))
 
 
 def test_q_transforms_hand_checked():
@@ -130,6 +132,12 @@ def test_entropy_weight_schedule():
     # official: min(0.02, max(0.002, 0.02 - 0.02 * step / total))
     values = [qvpo.entropy_weight(s, 1_000_000, 0.02, 0.002) for s in (0, 10_000, 500_000, 900_000, 950_000, 10**7)]
     np.testing.assert_allclose(values, [0.02, 0.0198, 0.01, 0.002, 0.002, 0.002], rtol=1e-12)
+    # the horizon is --entropy-decay-steps, not the (possibly resumed and extended) budget: a run started with 1M
+    # steps and resumed to 2M keeps decaying over 1M, instead of omega jumping back to 0.02 * (1 - 1.2M / 2M)
+    assert qvpo.entropy_weight(1_200_000, 1_000_000, 0.02, 0.002) == pytest.approx(0.002)
+    assert qvpo.entropy_weight(1_200_000, 2_000_000, 0.02, 0.002) == pytest.approx(0.008)
+    assert qvpo.entropy_weight(250_000, 500_000, 0.02, 0.0) == pytest.approx(0.01)
+    assert qvpo.entropy_weight(600_000, 500_000, 0.02, 0.0) == 0.0  # with no floor omega reaches 0 and stays there
 
 
 def test_actor_rows_and_weighted_loss_follow_the_official_mean():
@@ -155,6 +163,19 @@ def test_actor_rows_and_weighted_loss_follow_the_official_mean():
     # hand-checked: B = 1, no uniform rows, A = 2: w = 2, errors (1, 3) -> 2 * (1 + 9) / 2 = 10
     small = qvpo.q_weighted_loss(torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2), torch.tensor([2.0]))
     assert small.item() == pytest.approx(10.0)
+
+
+def test_zero_omega_drops_the_uniform_rows():
+    """omega = 0 (--entropy-alpha 0, or --entropy-alpha-min 0 at the end of the decay): the official code appends no
+    uniform rows, so the loss is the mean over the B kept rows, not over (1 + N_e) B rows with N_e B zero weights."""
+    torch.manual_seed(0)
+    obs, best, w = torch.randn(3, 2), torch.rand(3, 2) * 2 - 1, torch.tensor([1.0, 0.5, 3.0])
+    rows_obs, x0, rows_w = qvpo.actor_rows(obs, best, w, 0.0, 10)
+    assert rows_obs is obs and x0 is best and rows_w is w
+    pred, eps = torch.randn(3, 2), torch.randn(3, 2)
+    expected = (w[:, None] * (pred - eps) ** 2).sum() / (3 * 2)
+    assert qvpo.q_weighted_loss(pred, eps, rows_w).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert len(qvpo.actor_rows(obs, best, w, 1e-6, 10)[0]) == 33  # any positive omega keeps them
 
 
 def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
@@ -189,9 +210,16 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     same = (next_obs[:-1] == obs[1:]).all(1)
     assert same.sum() == 119 - 3 and not same[[29, 59, 89]].any()
     assert 0.0 < ckpt["q_stats"][1] and ckpt["q_stats"][1] != 1.0  # running Q std moved from its init
+    assert ckpt["args"]["entropy_decay_steps"] == 120  # None resolved to the first start's total_timesteps
+
+    # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
+    for flags, needle in ((["--hidden-dim", "64"], "--hidden-dim"), (["--total-timesteps", "300"], "checkpoint")):
+        path = run_dir / "checkpoint.pt" if flags[0] == "--hidden-dim" else run_dir / "summary.json"
+        proc = run_script("qvpo.py", "--resume", str(path), *flags, cwd=tmp_path, check=False, env=ONE_THREAD)
+        assert_one_line_error(proc, "--resume", needle)
 
     resumed = run_script("qvpo.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "150",
-                         cwd=tmp_path, env=ONE_THREAD)
+                         "--log-frequency", "25", cwd=tmp_path, env=ONE_THREAD)
     assert "resumed" in resumed.stdout and "at step 120" in resumed.stdout
     assert run_dirs(tmp_path) == [run_dir]
     summary = read_summary(run_dir)
@@ -201,6 +229,10 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     assert [s for s, _ in tensorboard_scalars(run_dir)["eval/episodic_return"]] == [60, 120, 150]
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["global_step"] == 150 and ckpt["rb"]["size"] == 150 and ckpt["update_step"] == 150 - 50 + 1
+    # the larger budget keeps the saved decay horizon of 120 steps: omega stays at its floor (decaying over 150
+    # steps would put it back up at 0.02 * (1 - 124 / 150) = 0.0035 at step 125)
+    assert ckpt["args"]["entropy_decay_steps"] == 120 and summary["args"]["entropy_decay_steps"] == 120
+    assert dict(tensorboard_scalars(run_dir)["losses/alpha"])[125] == pytest.approx(0.002)
 
 
 @pytest.mark.parametrize("flags, needles", [
@@ -210,6 +242,14 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     (["--entropy-alpha", "0.001"], ["--entropy-alpha"]),
     (["--q-transform", "qfoo"], ["q-transform"]),
     (["--resume", "missing/checkpoint.pt"], ["--resume"]),
+    (["--q-lr", "-1"], ["--q-lr"]),
+    (["--adam-eps", "0"], ["--adam-eps"]),
+    (["--policy-lr", "nan"], ["--policy-lr", "finite"]),
+    (["--entropy-decay-steps", "0"], ["--entropy-decay-steps"]),
+    (["--num-uniform", "-1"], ["--num-uniform"]),
+    (["--batch-size", "1", "--train-samples", "1"], ["--train-samples"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--kernels", "triton", "--hidden-dim", "48"], ["--hidden-dim", "power of two"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
     proc = run_script("qvpo.py", *TINY, "--total-timesteps", "10", *flags, cwd=tmp_path, check=False, env=ONE_THREAD)
@@ -219,6 +259,18 @@ def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     else:
         assert all(n in proc.stderr for n in needles), proc.stderr
+
+
+def test_capture_video_without_moviepy_fails_at_start(tmp_path):
+    try:
+        import moviepy  # noqa: F401
+        pytest.skip("moviepy is installed, so --capture-video does not fail here")
+    except ImportError:
+        pass
+    proc = run_script("qvpo.py", *TINY, "--total-timesteps", "10", "--capture-video", cwd=tmp_path, check=False,
+                      env=ONE_THREAD)
+    assert_one_line_error(proc, "pip install moviepy")
+    assert not run_dirs(tmp_path)  # failed before creating the run directory
 
 
 def test_learns_pendulum(tmp_path):
