@@ -12,10 +12,13 @@ Deviations from the official code (each deliberate; README.md#dacer explains the
 2. The entropy estimate fits the 3-component full-covariance Gaussian mixtures with a batched EM in PyTorch on the
    training device (greedy k-means++ seeding, 10 Lloyd steps, then a fixed 100 EM iterations, reg_covar 1e-6)
    instead of 256 scikit-learn fits on the CPU (k-means init, up to 100 iterations, tol 1e-3); same entropy formula.
+   A state whose fit fails (non-finite entropy; scikit-learn would raise) is left out of the mean over states, and
+   the previous estimate is kept if all fail, so a NaN never reaches alpha.
 3. The presets the official code leaves to comments or flags are resolved from the env id: Humanoid gets 512-wide
    nets and a 2e5 warm-up, everything else 256 and 3e4; the noise factor is 0.15 for Humanoid and HalfCheetah and
    0.1 elsewhere. Each can be overridden by its flag.
-4. The policy gradient is computed only on the updates that apply it (every 2nd), giving the official gradients.
+4. The policy gradient is computed only on the updates that apply it (every 2nd), giving the official gradients;
+   its backward skips the critics' weight gradients (as jax.grad w.r.t. the policy parameters does).
 5. The first layer of the denoiser is split so the state projection is computed once per reverse chain.
 6. Evaluation draws fresh DDPM noise (the official code hashes the observation into a PRNG key).
 Kept as in the official code: one policy (no target policy); the TD target has no entropy term and the actor loss no
@@ -140,12 +143,20 @@ def fail(message: str) -> None:
 
 
 def check_args(args: Args) -> None:
+    for name, value in vars(args).items():  # "nan" and "inf" parse as floats and pass every comparison below
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     positive = ["total_timesteps", "num_envs", "batch_size", "eval_frequency", "eval_episodes", "diffusion_steps",
                 "log_frequency", "checkpoint_frequency", "buffer_size", "policy_frequency", "alpha_frequency",
-                "gmm_components", "em_iterations", "hidden_dim", "noise_scale"]
+                "gmm_components", "em_iterations", "hidden_dim", "noise_scale", "q_lr", "policy_lr", "alpha_lr",
+                "init_noise_scale"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32) (numpy's seed range), got {args.seed}")
+    if args.init_noise_scale > 100:  # the first step scales x_T by 1/sqrt(abar_T), up to e^50: keep far from 3e38
+        fail(f"--init-noise-scale must be at most 100 (x_T = scale * N(0, I); official 1), got {args.init_noise_scale}")
     if args.learning_starts is not None and not 0 <= args.learning_starts <= args.buffer_size:
         fail(f"--learning-starts must be in [0, buffer-size={args.buffer_size}], got {args.learning_starts}")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
@@ -154,8 +165,14 @@ def check_args(args: Args) -> None:
         fail("--alpha-init and --reward-scale must be positive")
     if args.entropy_samples <= args.gmm_components:
         fail(f"--entropy-samples must exceed --gmm-components={args.gmm_components}, got {args.entropy_samples}")
-    if not 0 <= args.vp_beta_min < args.vp_beta_max:
-        fail(f"--vp-beta-min and --vp-beta-max need 0 <= min < max, got {args.vp_beta_min} and {args.vp_beta_max}")
+    # abar_T = exp(-(min + max) / 2): max <= 100 keeps 1 / sqrt(abar_T) <= e^50, far from float32 overflow
+    if not 0 <= args.vp_beta_min < args.vp_beta_max <= 100:
+        fail(f"--vp-beta-min and --vp-beta-max need 0 <= min < max <= 100, got {args.vp_beta_min} and "
+             f"{args.vp_beta_max}")
+    alphas = 1.0 - vp_beta_schedule(args.diffusion_steps, args.vp_beta_min, args.vp_beta_max)
+    if not ((alphas > 0) & (alphas < 1)).all():  # a beta that rounds to 0 or 1 makes the posterior coefficients 0/0
+        fail(f"--vp-beta-min {args.vp_beta_min} and --vp-beta-max {args.vp_beta_max} with --diffusion-steps "
+             f"{args.diffusion_steps} give a beta_t that rounds to 0 or 1; every beta must be in (0, 1)")
     if args.time_dim < 2 or args.time_dim % 2:
         fail(f"--time-dim must be an even number >= 2, got {args.time_dim}")
     if args.max_episode_steps is not None and args.max_episode_steps <= 0:
@@ -174,6 +191,30 @@ def resolve_presets(args: Args) -> Args:
     if args.hidden_dim is None:
         args.hidden_dim = 512 if name == "Humanoid" else 256
     return args
+
+
+# Flags that fix the shapes of the saved networks and buffer: a resumed run must keep them.
+SHAPE_ARGS = ("env_id", "hidden_dim", "time_dim", "diffusion_steps", "buffer_size")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with a one-line error for a file that is not one of this script's checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a pickle, ...
+        fail(f"--resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})")
+    if not (isinstance(checkpoint, dict) and "global_step" in checkpoint
+            and set(checkpoint.get("args", {"?": 0})) <= set(Args.__dataclass_fields__)):
+        fail(f"--resume: {path!r} is not a checkpoint written by {SCRIPT} --save-model")
+    return checkpoint
+
+
+def check_resume_args(args: Args, saved: dict) -> None:
+    """args with the presets resolved (hidden_dim None -> its width), as the checkpoint saved them."""
+    for name in SHAPE_ARGS:
+        if getattr(args, name) != saved.get(name, getattr(args, name)):
+            fail(f"--resume: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]}; it fixes the saved networks' or buffer's shape, so leave it unset")
 
 
 def make_env(env_id: str, seed: int, max_episode_steps: int | None = None, video_dir: str | None = None):
@@ -202,10 +243,28 @@ def check_env(env_id: str) -> None:
     env.close()
     if not isinstance(act, gym.spaces.Box):
         fail(f"{env_id} has a {type(act).__name__} action space; {SCRIPT} needs a continuous Box action space")
+    if len(act.shape) != 1:
+        fail(f"{env_id} has actions of shape {act.shape}; {SCRIPT} needs a 1-D Box action space")
     if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
         fail(f"{env_id} has unbounded actions; the diffusion policy needs finite Box bounds")
     if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
         fail(f"{env_id} has observation space {obs}; {SCRIPT} needs a flat Box (wrap it with FlattenObservation)")
+
+
+def check_video(env_id: str) -> None:
+    """--capture-video renders only at the first evaluation: fail now, not hours into the run, if it cannot."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as e:  # no OpenGL context, no pygame, ...
+        fail(f"--capture-video: {env_id} cannot render ({type(e).__name__}: {e}); on a headless machine set "
+             "MUJOCO_GL=egl (or osmesa)")
 
 
 class ReplayBuffer:
@@ -443,10 +502,33 @@ def gmm_entropy(weights: torch.Tensor, covs: torch.Tensor) -> torch.Tensor:
     return -(weights * weights.log()).sum(-1) + (weights * component_entropy).sum(-1)
 
 
-def estimate_entropy(actions: torch.Tensor, num_components: int, em_iterations: int) -> torch.Tensor:
-    """Mean over states of the mixture entropy of sampled actions [B, N, A] (fitted in float64): a 0-d tensor."""
+def estimate_entropy(actions: torch.Tensor, num_components: int, em_iterations: int,
+                     previous: torch.Tensor) -> torch.Tensor:
+    """Mean over states of the mixture entropy of sampled actions [B, N, A] (fitted in float64): a 0-d tensor.
+
+    A failed fit (cholesky_ex reports a non-positive-definite covariance instead of raising, and the entropy of that
+    state becomes NaN) is left out of the mean; if every state failed, `previous` (float32, the last estimate) is
+    returned. So a NaN never reaches log alpha, and nothing waits on the host."""
     weights, _, covs = fit_gmm(actions.double(), num_components, em_iterations)
-    return gmm_entropy(weights, covs).mean().float()
+    per_state = gmm_entropy(weights, covs)  # [B]
+    finite = torch.isfinite(per_state)
+    mean = torch.where(finite, per_state, 0.0).sum() / finite.sum()  # NaN (0/0) when no state is finite
+    return torch.where(finite.any(), mean.float(), previous)
+
+
+def update_actor(actor: Denoiser, optimizer: torch.optim.Optimizer, qf1: QNetwork, qf2: QNetwork, obs: torch.Tensor,
+                 actions: torch.Tensor) -> torch.Tensor:
+    """One policy step on -mean(min(Q1, Q2)(s, a)), `actions` differentiable w.r.t. the denoiser; returns the loss.
+
+    The backward computes the denoiser's gradients only: the critics pass the gradient on to the actions, but their
+    weight gradients (which this step would throw away) are skipped, and their .grad is left untouched."""
+    new_q1, _ = qf1(obs, actions)
+    new_q2, _ = qf2(obs, actions)
+    actor_loss = -torch.min(new_q1, new_q2).mean()
+    optimizer.zero_grad()
+    actor_loss.backward(inputs=list(actor.parameters()))
+    optimizer.step()
+    return actor_loss.detach()
 
 
 @torch.no_grad()
@@ -486,9 +568,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resolve_backend(choice: str, device: torch.device) -> str:
+def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
     """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
     if choice == "torch":
+        return "torch"
+    if hidden_dim < 16 or hidden_dim & (hidden_dim - 1):  # the fused kernel tiles H in power-of-two chunks
+        if choice == "triton":
+            fail(f"--kernels triton needs --hidden-dim a power of two >= 16, got {hidden_dim}; use --kernels torch")
         return "torch"
     try:
         import kernels
@@ -506,16 +592,15 @@ if __name__ == "__main__":
     check_args(args)
     checkpoint = None
     if args.resume:  # the saved flags become the defaults; flags given now override them
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(args.resume)
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
         check_args(args)
     check_env(args.env_id)
     args = resolve_presets(args)
+    if checkpoint:
+        check_resume_args(args, checkpoint["args"])
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+        check_video(args.env_id)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
     os.makedirs(run_dir, exist_ok=True)
@@ -534,7 +619,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    backend = resolve_backend(args.kernels, device)
+    backend = resolve_backend(args.kernels, device, args.hidden_dim)
 
     # env setup: SAME_STEP autoreset, so the true final observation of an episode arrives in infos["final_obs"]
     envs = gym.vector.SyncVectorEnv(
@@ -666,18 +751,12 @@ if __name__ == "__main__":
                     # 200 actions per batch state (with exploration noise and clip), one mixture fit per state
                     obs_rep = b_obs.repeat_interleave(args.entropy_samples, 0)  # [B*N, S]
                     samples = act(actor, obs_rep, noise_std).view(args.batch_size, args.entropy_samples, act_dim)
-                    entropy = estimate_entropy(samples, args.gmm_components, args.em_iterations)
+                    entropy = estimate_entropy(samples, args.gmm_components, args.em_iterations, entropy)
 
             if update_policy:
                 # Backprop min(Q1, Q2) of the pre-update critics through all T denoising steps; no log-pi term.
                 new_actions = act(actor, b_obs, noise_std)  # [B, A], differentiable w.r.t. the denoiser
-                new_q1, _ = qf1(b_obs, new_actions)
-                new_q2, _ = qf2(b_obs, new_actions)
-                actor_loss = -torch.min(new_q1, new_q2).mean()
-                actor_optimizer.zero_grad()
-                actor_loss.backward()  # also fills the critics' .grad, which q_optimizer.zero_grad() clears below
-                actor_optimizer.step()
-                losses["actor_loss"] = actor_loss.detach()
+                losses["actor_loss"] = update_actor(actor, actor_optimizer, qf1, qf2, b_obs, new_actions)
 
             qf1_a_values, qf1_a_std = qf1(b_obs, b_actions)
             qf2_a_values, qf2_a_std = qf2(b_obs, b_actions)
@@ -725,8 +804,11 @@ if __name__ == "__main__":
                                 or global_step >= args.total_timesteps):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
 
+    if global_step == start_step and not eval_history:  # resumed at or past --total-timesteps before any evaluation
+        run_evaluation()
     wall = time.time() - start_time
-    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    if global_step > start_step:  # a resume with nothing left to do keeps the summary's SPS
+        write_summary(prior_wall + wall, (global_step - start_step) / wall)
     print(f"done: {global_step:,} env steps in {wall:.0f} s; final eval return {eval_history[-1]['mean_return']:.2f}; "
           f"summary in {os.path.join(run_dir, 'summary.json')}")
     envs.close()

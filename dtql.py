@@ -36,10 +36,13 @@ Deviations from the official code (each deliberate; README.md#dtql explains them
    before those are stepped). With `--compile` (default) the critic, BC and policy losses are torch.compile'd,
    forward and backward, with Mish as a one-exp formula inside (equal to F.mish up to float rounding; eager F.mish if
    compilation fails).
-7. Dict observations of flat Boxes (Minari's antmaze and kitchen: observation + goals) are concatenated in sorted key
-   order, in the dataset and in the eval env alike; D4RL's flat observations had no goal entries.
-8. Datasets with no official twin get a family preset (the row of hopper-medium, antmaze-medium-diverse, pen-human or
-   kitchen-partial), and the normalised score uses the dataset's own reference scores, never D4RL's.
+7. Dict observations of flat Boxes, nested Dicts included (Minari's antmaze: observation + goals; kitchen: its
+   achieved_goal/desired_goal are Dicts keyed by task), are concatenated in sorted key order at every level, in the
+   dataset and in the eval env alike; D4RL's flat observations had no goal entries.
+8. Datasets with no official twin get a family preset, chosen by the env part of the id (D4RL/door/human-v2 -> door):
+   the row of hopper-medium (locomotion: every env not named below), antmaze-medium-diverse (antmaze), pen-human (pen
+   and the other Adroit hand tasks door, hammer, relocate: the official code's one Adroit task stands for its suite)
+   or kitchen-partial (kitchen); the normalised score uses the dataset's own reference scores, never D4RL's.
 Official quirks kept: the trust-region loss samples its own sigma and noise; the critic's lr (hard-coded 3e-4) also
 follows the cosine decay; the target critic is not updated during pretraining and is used only to rank evaluation
 candidates; evaluation draws 1 of 1024 *stochastic* policy samples by softmax(min target Q) (`--eval-deterministic`
@@ -133,9 +136,11 @@ class Args:
     eval_episodes: int | None = None
     """episodes per evaluation (None: 10 for locomotion, 100 for antmaze, pen and kitchen, as the official code)"""
     diffusion_steps: int = 0
-    """unused: DTQL's diffusion model has a continuous noise level and is never sampled (kept for the common flag set)"""
+    """unused: DTQL's diffusion model has a continuous noise level and is never sampled (kept for the common flag set,
+    read by nothing here)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
-    """reverse-chain backend of the other scripts; no effect here: DTQL never runs the reverse chain"""
+    """unused: the reverse-chain backend of the other scripts; accepted for the common flag set, read by nothing here
+    (DTQL never runs a reverse chain; any value, no effect)"""
     log_frequency: int = 1_000
     """gradient steps between status lines and TensorBoard loss scalars"""
 
@@ -190,28 +195,37 @@ def fail(message: str) -> None:
     sys.exit(f"{SCRIPT}: error: {message}")
 
 
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message: what fail() quotes of it, so the error stays one line."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def check_args(args: Args) -> None:
-    positive = ["eval_frequency", "log_frequency", "checkpoint_frequency", "eval_candidates", "hidden_dim"]
-    for name in positive + [n for n in ("total_timesteps", "batch_size", "eval_episodes") if getattr(args, n) is not None]:
+    for name, value in vars(args).items():  # nan/inf pass `<`-checks (lr, alpha, expectile, sigmas, ...)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    positive = ["eval_frequency", "log_frequency", "checkpoint_frequency", "eval_candidates", "hidden_dim", "critic_lr"]
+    optional = ("total_timesteps", "batch_size", "eval_episodes", "lr")  # None: the preset's value
+    for name in positive + [n for n in optional if getattr(args, n) is not None]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.learning_starts != 0 or args.num_envs != 1:
         fail("--learning-starts and --num-envs are unused offline; leave them at 0 and 1")
     if args.pretrain_steps < 0 or args.diffusion_steps < 0:
         fail(f"--pretrain-steps and --diffusion-steps must be >= 0, got {args.pretrain_steps} and {args.diffusion_steps}")
+    if not 0 <= args.seed < 2**32:  # np.random.seed's range
+        fail(f"--seed must be in [0, 2**32) (numpy's seed range), got {args.seed}")
     if args.preset != "auto" and args.preset not in PRESETS and args.preset not in OFFICIAL_TASKS:
         fail(f"unknown --preset {args.preset!r}; choose auto, {', '.join(PRESETS)} or an official task name "
              f"such as hopper-medium-v2")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
         fail(f"--gamma and --tau must be in (0, 1], got {args.gamma} and {args.tau}")
-    if (args.lr is not None and args.lr <= 0) or args.critic_lr <= 0:
-        fail("--lr and --critic-lr must be positive")
     if (args.alpha is not None and args.alpha < 0) or (args.nll_weight is not None and args.nll_weight < 0):
         fail(f"--alpha and --nll-weight must be >= 0, got {args.alpha} and {args.nll_weight}")
     if args.expectile is not None and not 0 < args.expectile < 1:
         fail(f"--expectile must be in (0, 1), got {args.expectile}")
-    if not 0 < args.sigma_min < args.sigma_data < args.sigma_max:
-        fail(f"need 0 < --sigma-min < --sigma-data < --sigma-max, got {args.sigma_min}, {args.sigma_data}, "
+    if not 1e-6 <= args.sigma_min < args.sigma_data < args.sigma_max <= 1e6:  # float32 EDM scalings stay finite
+        fail(f"need 1e-6 <= --sigma-min < --sigma-data < --sigma-max <= 1e6, got {args.sigma_min}, {args.sigma_data}, "
              f"{args.sigma_max}")
     if args.time_dim < 4 or args.time_dim % 2:
         fail(f"--time-dim must be an even number >= 4, got {args.time_dim}")
@@ -219,16 +233,49 @@ def check_args(args: Args) -> None:
         fail(f"--resume: no checkpoint at {args.resume!r} (runs/<run_name>/checkpoint.pt is written by --save-model)")
 
 
+# Flags that fix the shapes of the saved networks (the dataset fixes the observation and action sizes): a resumed run
+# must keep them. --diffusion-steps is not one: DTQL's noise level is continuous.
+SHAPE_ARGS = ("dataset_id", "hidden_dim", "time_dim")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with a one-line error for a file that is not one of this script's checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a pickle, ...
+        fail(f"--resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {first_line(e)})")
+    if not (isinstance(checkpoint, dict) and "global_step" in checkpoint
+            and set(checkpoint.get("args", {"?": 0})) <= set(Args.__dataclass_fields__)):
+        fail(f"--resume: {path!r} is not a checkpoint written by {SCRIPT} --save-model")
+    return checkpoint
+
+
+def check_resume_args(args: Args, saved: dict) -> None:
+    for name in SHAPE_ARGS:
+        if getattr(args, name) != saved.get(name, getattr(args, name)):
+            fail(f"--resume: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]}; it fixes the saved networks' shapes, so leave it unset")
+
+
+def env_name(dataset_id: str) -> str:
+    """The env part of a Minari id, the component before the last "/": D4RL/pen/human-v2 -> pen ("" if none)."""
+    parts = dataset_id.lower().split("/")
+    return parts[-2] if len(parts) >= 2 else ""
+
+
 def official_task(dataset_id: str) -> str | None:
     """The official (D4RL) task a Minari dataset id corresponds to, e.g. mujoco/hopper/medium-v0 -> hopper-medium-v2,
     D4RL/antmaze/umaze-diverse-v1 -> antmaze-umaze-diverse-v0, D4RL/pen/human-v2 -> pen-human-v1; else None."""
-    parts = dataset_id.rsplit("-v", 1)[0].split("/")
-    if len(parts) < 2:
-        return None
-    env, name = parts[-2].lower(), parts[-1].lower()
+    env, name = env_name(dataset_id), dataset_id.lower().rsplit("/", 1)[-1].rsplit("-v", 1)[0]
     suffix = {"halfcheetah": "v2", "hopper": "v2", "walker2d": "v2", "antmaze": "v0", "pen": "v1", "kitchen": "v0"}
     task = f"{env}-{name}-{suffix[env]}" if env in suffix else None
     return task if task in OFFICIAL_TASKS else None
+
+
+# --preset auto: the family of a Minari env name (the id's part before the last "/"); any other env is locomotion.
+# The official code's only Adroit task (pen) stands for the whole Adroit suite: door, hammer and relocate get its row.
+FAMILIES = {"antmaze": "antmaze", "pen": "pen", "door": "pen", "hammer": "pen", "relocate": "pen",
+            "kitchen": "kitchen"}
 
 
 def resolve_preset(args: Args) -> tuple[Args, str]:
@@ -237,9 +284,8 @@ def resolve_preset(args: Args) -> tuple[Args, str]:
         task = args.preset
     elif args.preset in PRESETS:
         task = PRESETS[args.preset]
-    else:  # auto: the dataset's official twin, else the family preset its id names, else locomotion
-        family = next((f for f in ("antmaze", "pen", "kitchen") if f in args.dataset_id.lower()), "locomotion")
-        task = official_task(args.dataset_id) or PRESETS[family]
+    else:  # auto: the dataset's official twin, else the family preset of its env name, else locomotion
+        task = official_task(args.dataset_id) or PRESETS[FAMILIES.get(env_name(args.dataset_id), "locomotion")]
     lr, alpha, nll_weight, lr_decay, epochs, batch_size, expectile = OFFICIAL_TASKS[task]
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return replace(args, lr=pick(args.lr, lr), alpha=pick(args.alpha, alpha), nll_weight=pick(args.nll_weight, nll_weight),
@@ -260,7 +306,7 @@ def load_dataset(dataset_id: str):
     except FileNotFoundError:
         pass
     except Exception as e:  # a malformed id or a broken local copy
-        fail(f"cannot load Minari dataset {dataset_id!r}: {type(e).__name__}: {e}")
+        fail(f"cannot load Minari dataset {dataset_id!r}: {type(e).__name__}: {first_line(e)}")
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     how = f"`minari download {dataset_id}` (needs `pip install \"minari[hf]\"` and the internet) or set MINARI_DATASETS_PATH"
     if importlib.util.find_spec("huggingface_hub") is None or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
@@ -291,39 +337,52 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
     return {k: torch.as_tensor(v, dtype=torch.float32).to(device) for k, v in data.items()}
 
 
-def flatten_obs(obs, space: gym.spaces.Space) -> np.ndarray:
-    """[..., S] float array of a Box observation, or of a Dict of Box observations (antmaze, kitchen: observation +
-    goals) concatenated in sorted key order, for the dataset ([T+1] per key) and the eval env alike."""
+def obs_leaves(space: gym.spaces.Space) -> list[gym.spaces.Space]:
+    """The leaf spaces of an observation space in flattening order: nested Dicts in sorted key order at every level."""
     if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(*np.shape(obs[k])[:-1], -1)
-                               for k in sorted(space.spaces)], axis=-1)
+        return [leaf for key in sorted(space.spaces) for leaf in obs_leaves(space.spaces[key])]
+    return [space]
+
+
+def flatten_obs(obs, space: gym.spaces.Space) -> np.ndarray:
+    """[..., S] float array of a Box observation, or of a Dict of them, nested Dicts included (antmaze: observation +
+    goals; kitchen: goals that are Dicts keyed by task), concatenated in sorted key order at every level (the order of
+    `obs_leaves`), for the dataset ([T+1, d] per leaf) and the eval env ([d] per leaf) alike."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_obs(obs[key], space.spaces[key]) for key in sorted(space.spaces)], axis=-1)
     return np.asarray(obs, dtype=np.float32)
 
 
 def check_spaces(dataset, dataset_id: str) -> None:
-    obs_space = dataset.observation_space
-    subspaces = obs_space.spaces.values() if isinstance(obs_space, gym.spaces.Dict) else [obs_space]
-    for what, spaces in (("observation", subspaces), ("action", [dataset.action_space])):
-        if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1 for space in spaces):
-            fail(f"{dataset_id} has the {what} space {obs_space if what == 'observation' else dataset.action_space}; "
-                 f"{SCRIPT} needs flat Box spaces (observations may be a Dict of flat Boxes)")
-    if not (np.all(np.isfinite(dataset.action_space.low)) and np.all(np.isfinite(dataset.action_space.high))):
+    obs_space, act_space = dataset.observation_space, dataset.action_space
+    for what, space, leaves in (("observation", obs_space, obs_leaves(obs_space)), ("action", act_space, [act_space])):
+        if not leaves or not all(isinstance(leaf, gym.spaces.Box) and len(leaf.shape) == 1 for leaf in leaves):
+            fail(f"{dataset_id} has the {what} space {space}; {SCRIPT} needs flat Box spaces (observations may be a "
+                 "Dict of flat Boxes, nested Dicts included)")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
         fail(f"{dataset_id} has unbounded actions; the tanh policy needs finite Box bounds")
+    if not np.all(act_space.high > act_space.low):
+        fail(f"{dataset_id} has an action dimension with high <= low ({act_space}); it cannot be rescaled to [-1, 1]")
+
+
+def recover_eval_env(dataset, **kwargs) -> gym.Env:
+    """The dataset's eval env (kwargs go to gym.make), or a one-line error."""
+    try:
+        return dataset.recover_environment(eval_env=True, **kwargs)
+    except Exception as e:  # unregistered/unimportable entry point, missing MuJoCo, ...
+        fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {first_line(e)}")
 
 
 def make_env(dataset, seed: int, video_dir: str | None = None):
     """A thunk that builds one evaluation env (the dataset's eval env) acting in [-1, 1]."""
 
     def thunk() -> gym.Env:
-        try:
-            # render_mode only when recording: envs without a render_mode argument (the test bandit) must work
-            env = dataset.recover_environment(eval_env=True, **({"render_mode": "rgb_array"} if video_dir else {}))
-        except Exception as e:  # unregistered/unimportable entry point, missing MuJoCo, ...
-            fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
+        # render_mode only when recording: envs without a render_mode argument (the test bandit) must work
+        env = recover_eval_env(dataset, **({"render_mode": "rgb_array"} if video_dir else {}))
         if video_dir:
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
         if isinstance(env.observation_space, gym.spaces.Dict):  # same flattening as the dataset's observations
-            size = sum(int(np.prod(s.shape)) for s in env.observation_space.spaces.values())
+            size = sum(int(np.prod(s.shape)) for s in obs_leaves(env.observation_space))
             box = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
             env = gym.wrappers.TransformObservation(env, lambda o, space=env.observation_space: flatten_obs(o, space), box)
         ones = np.ones(env.action_space.shape, dtype=np.float32)
@@ -332,6 +391,23 @@ def make_env(dataset, seed: int, video_dir: str | None = None):
         return env
 
     return thunk
+
+
+def check_video(dataset) -> None:
+    """--capture-video renders only at the first evaluation: fail now, not hours into the run, if it cannot."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    env = recover_eval_env(dataset, render_mode="rgb_array")
+    env_id = env.spec.id if env.spec is not None else dataset.spec.dataset_id
+    try:
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as e:  # no OpenGL context, no pygame, ...
+        fail(f"--capture-video: {env_id} cannot render ({type(e).__name__}: {first_line(e)}); on a headless machine set "
+             "MUJOCO_GL=egl (or osmesa)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -609,17 +685,15 @@ if __name__ == "__main__":
     check_args(args)
     checkpoint = None
     if args.resume:  # the saved (resolved) flags become the defaults; flags given now override them
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(args.resume)
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
         check_args(args)
+        check_resume_args(args, checkpoint["args"])
     args, task = resolve_preset(args)
     dataset = load_dataset(args.dataset_id)
     check_spaces(dataset, args.dataset_id)
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+        check_video(dataset)
     run_name = (checkpoint["run_name"] if checkpoint
                 else f"{args.dataset_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
@@ -647,7 +721,13 @@ if __name__ == "__main__":
                           else None)() for i in range(args.eval_episodes)]
     metadata = dataset.storage.metadata
     ref_scores = (metadata["ref_min_score"], metadata["ref_max_score"]) if "ref_max_score" in metadata else None
+    if ref_scores and not (np.all(np.isfinite(ref_scores)) and ref_scores[1] != ref_scores[0]):
+        ref_scores = None  # equal or non-finite reference scores: no normalised score (it would be inf or NaN)
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
+    env_shapes = (eval_envs[0].observation_space.shape, eval_envs[0].action_space.shape)
+    if env_shapes != ((obs_dim,), (act_dim,)):
+        fail(f"the eval env of {args.dataset_id} has (flattened) observations and actions of shapes {env_shapes[0]} "
+             f"and {env_shapes[1]}, the dataset ({obs_dim},) and ({act_dim},)")
     total_steps = args.pretrain_steps + args.total_timesteps
     print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
           f"(lr {args.lr}, alpha {args.alpha}, nll_weight {args.nll_weight}, lr_decay {args.lr_decay}, batch "
@@ -676,6 +756,8 @@ if __name__ == "__main__":
     if checkpoint:
         for name, module in stateful.items():
             module.load_state_dict(checkpoint[name])
+        for opt, base in optimizers:  # load_state_dict restored the saved lr: --lr / --critic-lr given now must win
+            opt.param_groups[0]["lr"] = base  # (the cosine factor, where on, is applied on top in the loop)
         global_step, eval_history = checkpoint["global_step"], checkpoint["eval"]
         set_rng_states(checkpoint["rng"])
         print(f"resumed {run_name} at step {global_step:,}")
@@ -690,7 +772,8 @@ if __name__ == "__main__":
                    "device": str(device), "preset": task, "best_normalized_score": max(scores) if scores else None,
                    "last_normalized_score": scores[-1] if scores else None,
                    # wall ms per gradient step of this session without evaluation: all steps, and main-loop steps only
-                   "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / max(global_step - start_step, 1),
+                   "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / (global_step - start_step)
+                   if global_step > start_step else None,
                    "main_ms_per_step": (1000 * (time.time() - main_start[1] - main_eval_seconds())
                                         / max(global_step - main_start[0], 1)) if main_start else None}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -808,8 +891,12 @@ if __name__ == "__main__":
         if args.save_model and (global_step % args.checkpoint_frequency == 0 or global_step >= total_steps):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
 
+    if global_step == start_step and not eval_history:  # resumed at or past the end before any evaluation
+        run_evaluation()
+        write_summary(prior_wall + time.time() - start_time, None)  # no summary before this evaluation; no SPS
     wall = time.time() - start_time
-    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    if global_step > start_step:  # a resume with nothing left to do keeps the summary's SPS
+        write_summary(prior_wall + wall, (global_step - start_step) / wall)
     final = eval_history[-1] if eval_history else {}
     print(f"done: {global_step:,} gradient steps in {wall:.0f} s; final eval return {final.get('mean_return', float('nan')):.2f}"
           + (f", normalized {final['normalized_score']:.1f}" if "normalized_score" in final else "")

@@ -1,12 +1,16 @@
-"""Tests for dacer.py: the VP schedule, the DSAC-T critic loss, backprop through the reverse chain, the batched
-Gaussian-mixture entropy, an end-to-end smoke run with resume, a small learning run and the error paths."""
+"""Tests for dacer.py: the VP schedule, the DSAC-T critic loss, backprop through the reverse chain, the actor step,
+the batched Gaussian-mixture entropy and its NaN guard, an end-to-end smoke run with resume, a small learning run and
+the error paths."""
 
+import functools
 import math
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -175,7 +179,7 @@ def test_gmm_recovers_known_mixture_and_entropy():
     # the script's estimator: 200 samples per state (as in DACER), mean over 64 states, float32 in and out
     x200 = sample_mixture(weights, means, covs, batch=64, n=200, seed=2).float()
     torch.manual_seed(0)
-    estimate = dacer.estimate_entropy(x200, 3, 100)
+    estimate = dacer.estimate_entropy(x200, 3, 100, torch.tensor(float("nan")))
     assert estimate.dtype == torch.float32 and estimate.shape == ()
     assert estimate.item() == pytest.approx(mc.item(), abs=0.15)
 
@@ -192,7 +196,48 @@ def test_gmm_entropy_formula_single_gaussian_and_bound():
     # clipped actions: many identical samples give a finite (very negative) entropy, not NaN
     x = torch.ones(2, 200, 2, dtype=torch.float32)
     x[1, :100] = -1.0
-    assert torch.isfinite(dacer.estimate_entropy(x, 3, 20))
+    assert torch.isfinite(dacer.estimate_entropy(x, 3, 20, torch.tensor(float("nan"))))
+
+
+def test_entropy_leaves_out_failed_fits_and_keeps_the_previous_estimate(monkeypatch):
+    """Without reg_covar, all-identical samples give a zero covariance: cholesky_ex fails (without raising) and that
+    state's entropy is NaN. The estimate must average the other states, and keep the previous one if all failed."""
+    fit_without_reg = functools.partial(dacer.fit_gmm, reg_covar=0.0)
+    monkeypatch.setattr(dacer, "fit_gmm", fit_without_reg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 100, 2, generator=g)
+    x[0], x[2] = 0.3, -1.0  # degenerate states: every sample the same (e.g. all clipped)
+    torch.manual_seed(0)
+    weights, _, covs = fit_without_reg(x.double(), 3, 10)
+    per_state = dacer.gmm_entropy(weights, covs)
+    assert per_state[[0, 2]].isnan().all() and per_state[[1, 3]].isfinite().all()  # the failure is real
+    torch.manual_seed(0)
+    estimate = dacer.estimate_entropy(x, 3, 10, torch.tensor(5.0))
+    assert estimate.dtype == torch.float32 and estimate.item() == pytest.approx(per_state[[1, 3]].mean().item())
+    # every state degenerate: the previous estimate comes back unchanged, so log alpha never sees a NaN
+    assert dacer.estimate_entropy(x[[0, 2]], 3, 10, torch.tensor(5.0)).item() == 5.0
+
+
+def test_actor_step_leaves_the_critics_gradients_alone():
+    """update_actor's backward reaches only the denoiser: its gradients equal a full backward's, and the critics'
+    .grad (here a sentinel the critic step would own) is not touched."""
+    denoiser, schedule = tiny_denoiser()
+    qf1, qf2 = dacer.QNetwork(3, 2, 16).double(), dacer.QNetwork(3, 2, 16).double()
+    obs, x, noise = (torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64),
+                     torch.randn(20, 32, 2, dtype=torch.float64))
+    actions = dacer.reverse_chain(denoiser, schedule, obs, x, noise)
+    full_loss = -torch.min(qf1(obs, actions)[0], qf2(obs, actions)[0]).mean()
+    full_loss.backward()  # the plain backward: fills the critics' gradients too
+    expected = [p.grad.clone() for p in denoiser.parameters()]
+    for p in [*qf1.parameters(), *qf2.parameters()]:
+        p.grad = torch.full_like(p, 7.0)
+    optimizer = torch.optim.SGD(denoiser.parameters(), lr=0.0)
+    actions = dacer.reverse_chain(denoiser, schedule, obs, x, noise)  # the same actions, a fresh graph
+    loss = dacer.update_actor(denoiser, optimizer, qf1, qf2, obs, actions)
+    assert loss.item() == full_loss.item() and not loss.requires_grad
+    for p, grad in zip(denoiser.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad, rtol=1e-12, atol=0)
+    assert all((p.grad == 7.0).all() for p in [*qf1.parameters(), *qf2.parameters()])
 
 
 SMOKE = ["--env-id", "Pendulum-v1", "--max-episode-steps", "20", "--num-envs", "2", "--learning-starts", "40",
@@ -222,6 +267,18 @@ def test_smoke_run_summary_tensorboard_and_resume(tmp_path):
 
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["global_step"] == 120 and ckpt["rb"]["size"] == 120 and float(ckpt["mean_q1_std"]) > 0
+    # Row k holds env k % 2 at vector step k // 2: its next_obs is the next row's obs except where an episode was
+    # truncated (every 20 steps), where it is the true final obs, not the reset obs; truncations store done = 0.
+    obs, next_obs, _, _, dones = ckpt["rb"]["data"]
+    continues = (next_obs[:-2] == obs[2:]).all(1)
+    ends = torch.arange(len(obs) - 2) // 2 % 20 == 19
+    assert torch.equal(~continues, ends) and ends.sum() == 4 and dones.sum() == 0  # steps 20 and 40, two envs
+
+    # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
+    for path, flags, needle in ((run_dir / "checkpoint.pt", ["--hidden-dim", "64"], "--hidden-dim 64 differs"),
+                                (run_dir / "summary.json", [], "as a checkpoint")):
+        proc = run_script("dacer.py", "--resume", str(path), *flags, cwd=tmp_path, check=False, env=ONE_THREAD)
+        assert_one_line_error(proc, "dacer.py: error: --resume", needle)
     proc = run_script("dacer.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "160",
                       cwd=tmp_path, env=ONE_THREAD)
     assert "resumed" in proc.stdout and "at step 120" in proc.stdout
@@ -230,6 +287,11 @@ def test_smoke_run_summary_tensorboard_and_resume(tmp_path):
     assert summary["global_step"] == 160 and [e["step"] for e in summary["eval"]] == [60, 120, 160]
     ckpt2 = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt2["update_step"] == ckpt["update_step"] + 20 and ckpt2["rb"]["size"] == 160
+
+    # resuming a finished run has nothing to do: it reports the last evaluation and leaves summary.json alone
+    proc = run_script("dacer.py", "--resume", str(run_dir / "checkpoint.pt"), cwd=tmp_path, env=ONE_THREAD)
+    assert "done: 160 env steps" in proc.stdout and "eval  step" not in proc.stdout
+    assert read_summary(run_dir) == summary
 
 
 def test_learns_pendulum(tmp_path):
@@ -248,6 +310,7 @@ def test_learns_pendulum(tmp_path):
 @pytest.mark.parametrize("flags, needles", [
     (["--env-id", "NoSuchEnv-v0"], ["cannot make env", "NoSuchEnv-v0"]),
     (["--env-id", "CartPole-v1"], ["Discrete", "continuous Box"]),
+    (["--env-id", "Pendulum-v1", "--kernels", "triton", "--hidden-dim", "48"], ["--hidden-dim", "power of two"]),
 ])
 def test_error_paths(tmp_path, flags, needles):
     proc = run_script("dacer.py", *flags, cwd=tmp_path, check=False, env=ONE_THREAD, timeout=120)
@@ -263,11 +326,85 @@ def test_error_paths(tmp_path, flags, needles):
     ({"learning_starts": -1}, "--learning-starts must be in"),
     ({"time_dim": 15}, "--time-dim must be an even number"),
     ({"resume": "no/such/checkpoint.pt"}, "--resume: no checkpoint"),
+    ({"q_lr": -1.0}, "--q-lr must be positive"),
+    ({"policy_lr": 0.0}, "--policy-lr must be positive"),
+    ({"alpha_lr": 0.0}, "--alpha-lr must be positive"),
+    ({"init_noise_scale": 0.0}, "--init-noise-scale must be positive"),
+    ({"init_noise_scale": 1e3}, "--init-noise-scale must be at most 100"),
+    ({"em_iterations": 0}, "--em-iterations must be positive"),
+    ({"gmm_components": 0}, "--gmm-components must be positive"),
+    ({"alpha_frequency": 0}, "--alpha-frequency must be positive"),
+    ({"reward_scale": float("nan")}, "--reward-scale must be a finite number"),
+    ({"target_entropy_scale": float("-inf")}, "--target-entropy-scale must be a finite number"),
+    ({"seed": -1}, "--seed must be in [0, 2**32)"),
+    ({"vp_beta_max": 1e3}, "0 <= min < max <= 100"),
+    ({"vp_beta_min": 0.0, "vp_beta_max": 1e-20}, "give a beta_t that rounds to 0 or 1"),  # beta_1 = 0: 0/0
+    ({"diffusion_steps": 1, "vp_beta_min": 80.0, "vp_beta_max": 99.0}, "rounds to 0 or 1"),  # beta_1 = 1: 1/0
 ])
 def test_bad_flag_values(overrides, needle):
     with pytest.raises(SystemExit) as exc:  # sys.exit(message): Python prints it to stderr and exits with 1
         dacer.check_args(dacer.Args(**overrides))
     assert isinstance(exc.value.code, str) and str(exc.value).startswith("dacer.py: error: ") and needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_default_and_extreme_valid_flags_pass():
+    dacer.check_args(dacer.Args())  # the official defaults, presets unresolved (None)
+    for overrides in ({"diffusion_steps": 1, "vp_beta_min": 0.0, "vp_beta_max": 70.0},
+                      {"diffusion_steps": 10_000, "vp_beta_min": 0.0, "vp_beta_max": 1e-3},
+                      {"init_noise_scale": 100.0}):
+        args = dacer.Args(**overrides)
+        dacer.check_args(args)
+        schedule = dacer.DDPMSchedule(dacer.vp_beta_schedule(args.diffusion_steps, args.vp_beta_min,
+                                                             args.vp_beta_max), torch.device("cpu"))
+        for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                     "posterior_mean_coef2", "posterior_std"):
+            assert torch.isfinite(getattr(schedule, name)).all(), (overrides, name)
+
+
+class MatrixActionEnv(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,))
+    action_space = gym.spaces.Box(-1.0, 1.0, (2, 2))
+
+
+def test_env_with_matrix_actions_is_one_line():
+    gym.register("DacerTestMatrixActions-v0", entry_point=MatrixActionEnv)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            dacer.check_env("DacerTestMatrixActions-v0")
+    finally:
+        gym.registry.pop("DacerTestMatrixActions-v0")
+    assert "actions of shape (2, 2)" in str(exc.value) and "1-D Box" in str(exc.value)
+
+
+def test_resume_shape_check_compares_resolved_presets():
+    saved = asdict(dacer.resolve_presets(dacer.Args(env_id="Hopper-v5")))  # checkpoints hold resolved flags
+    assert saved["hidden_dim"] == 256
+    dacer.check_resume_args(dacer.resolve_presets(dacer.Args(env_id="Hopper-v5")), saved)  # None -> 256: same
+    dacer.check_resume_args(dacer.resolve_presets(dacer.Args(**{**saved, "total_timesteps": 10})), saved)
+    for overrides, needle in (({"hidden_dim": 512}, "--hidden-dim 512 differs from the checkpoint's 256"),
+                              ({"diffusion_steps": 10}, "--diffusion-steps 10"), ({"buffer_size": 10}, "--buffer-size"),
+                              ({"env_id": "Humanoid-v5"}, "--env-id Humanoid-v5")):
+        with pytest.raises(SystemExit) as exc:
+            dacer.check_resume_args(dacer.resolve_presets(dacer.Args(**{**saved, **overrides})), saved)
+        assert str(exc.value).startswith("dacer.py: error: --resume: ") and needle in str(exc.value), exc.value
+
+
+def test_resolve_backend_width_check():
+    cpu = torch.device("cpu")
+    with pytest.raises(SystemExit) as exc:
+        dacer.resolve_backend("triton", cpu, 48)
+    assert "--kernels triton needs --hidden-dim a power of two >= 16, got 48" in str(exc.value)
+    assert dacer.resolve_backend("auto", cpu, 48) == "torch" and dacer.resolve_backend("torch", cpu, 8) == "torch"
+
+
+def test_capture_video_without_moviepy_fails_at_start(tmp_path):
+    hide = tmp_path / "hide"  # a stub that shadows moviepy whether or not it is installed
+    hide.mkdir()
+    (hide / "moviepy.py").write_text("raise ImportError('hidden by the test')\n")
+    proc = run_script("dacer.py", "--env-id", "Pendulum-v1", "--capture-video", cwd=tmp_path, check=False,
+                      env={**ONE_THREAD, "PYTHONPATH": str(hide)}, timeout=120)
+    assert_one_line_error(proc, "dacer.py: error", "pip install moviepy")
+    assert not run_dirs(tmp_path)  # failed before creating the run directory
 
 
 def test_presets_follow_env_id():
@@ -307,11 +444,19 @@ def test_triton_reverse_chain_matches_torch_with_gradients():
         torch.testing.assert_close(grad_triton, grad_torch, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_smoke_run_with_triton_kernels(tmp_path):
-    # a few updates end to end through kernels.reverse_chain (forward for acting/targets/entropy, backward for the actor)
-    run_script("dacer.py", "--env-id", "Pendulum-v1", "--max-episode-steps", "20", "--num-envs", "2",
+def test_smoke_run_with_triton_kernels_and_terminations(tmp_path):
+    # a few updates end to end through kernels.reverse_chain (forward for acting/targets/entropy, backward for the
+    # actor), on InvertedPendulum-v5, which terminates within ~10 random steps
+    run_script("dacer.py", "--env-id", "InvertedPendulum-v5", "--max-episode-steps", "20", "--num-envs", "2",
                "--total-timesteps", "46", "--learning-starts", "40", "--batch-size", "8", "--hidden-dim", "16",
                "--diffusion-steps", "5", "--alpha-frequency", "2", "--entropy-samples", "4", "--em-iterations", "5",
-               "--eval-frequency", "1000", "--eval-episodes", "1", "--kernels", "triton", cwd=tmp_path, env=ONE_THREAD)
-    summary = read_summary(run_dirs(tmp_path)[0])
+               "--eval-frequency", "1000", "--eval-episodes", "1", "--kernels", "triton", "--save-model",
+               cwd=tmp_path, env=ONE_THREAD)
+    (run_dir,) = run_dirs(tmp_path)
+    summary = read_summary(run_dir)
     assert summary["kernels"] == "triton" and summary["global_step"] == 46 and np.isfinite(summary["final_eval_return"])
+    # terminated rows store done = 1 and the terminal obs (next_obs differs from the reset obs in the next row)
+    obs, next_obs, _, _, dones = torch.load(run_dir / "checkpoint.pt", weights_only=False)["rb"]["data"]
+    ended = ~(next_obs[:-2] == obs[2:]).all(1)
+    assert dones.sum() >= 4 and (ended | ~dones[:-2].bool()).all()
+    assert (next_obs[dones.bool(), 1].abs() > 0.2).all()  # the pole angle that terminated it, not a reset state

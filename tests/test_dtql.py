@@ -2,14 +2,18 @@
 multimodal bandit and the error paths."""
 
 import math
+import sys
+import types
 
 import gymnasium as gym
+import minari
 import numpy as np
 import offline_data
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+from minari.data_collector import EpisodeBuffer
 
 import dtql
 
@@ -248,6 +252,18 @@ def test_presets_and_cosine_schedule():
     assert task == "hopper-medium-v2" and (args.lr, args.alpha, args.lr_decay, args.batch_size) == (1e-4, 2.0, True, 64)
     assert (args.eval_episodes, args.reward_tune, args.total_timesteps) == (10, "no", 1_000_000)
     assert dtql.resolve_preset(dtql.Args(dataset_id="mujoco/walker2d/expert-v0"))[1] == "hopper-medium-v2"
+    # no official twin: the family is the id's env component exactly ("pen" is in invertedpendulum, "kitchen" in
+    # kitchensink); door, hammer and relocate are pen's Adroit siblings
+    family = {"mujoco/invertedpendulum/medium-v0": "hopper-medium-v2", "toy/kitchensink/random-v0": "hopper-medium-v2",
+              "D4RL/pen/expert-v2": "pen-human-v1", "D4RL/door/human-v2": "pen-human-v1",
+              "D4RL/hammer/cloned-v2": "pen-human-v1", "D4RL/relocate/expert-v2": "pen-human-v1",
+              "D4RL/antmaze/giant-stitch-v1": "antmaze-medium-diverse-v0", "D4RL/Kitchen/other-v2": "kitchen-partial-v0",
+              "pen-human-v1": "hopper-medium-v2", "D4RL/pointmaze/umaze-v2": "hopper-medium-v2"}
+    for dataset_id, expected in family.items():
+        assert dtql.resolve_preset(dtql.Args(dataset_id=dataset_id))[1] == expected, dataset_id
+    door, _ = dtql.resolve_preset(dtql.Args(dataset_id="D4RL/door/human-v2"))
+    assert (door.lr, door.alpha, door.eval_episodes, door.reward_tune) == (3e-5, 1500.0, 100, "no")
+    assert dtql.official_task("mujoco/invertedpendulum/medium-v0") is None and dtql.env_name("pen-human-v1") == ""
     assert dtql.resolve_preset(dtql.Args(dataset_id="x/kitchen-ish", preset="pen-cloned-v1"))[0].lr == 1e-5
     # CosineAnnealingLR(T_max=N) stepped once per step: step m runs at 0.5 (1 + cos(pi m / N))
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -300,6 +316,35 @@ def test_smoke_run_logs_and_resumes_exactly(tmp_path, minari_root):
     assert [e["mean_return"] for e in a["eval"]] == [e["mean_return"] for e in b["eval"]]
     assert [s for s, _ in tensorboard_scalars(half_dir)["losses/actor_loss"]] == [15, 20, 25, 30]
 
+    # --lr / --critic-lr given with --resume win over the lrs the optimizers saved (here lr decay is off)
+    ckpt_path = half_dir / "checkpoint.pt"
+    run_script("dtql.py", "--resume", str(ckpt_path), "--total-timesteps", "22", "--lr", "1e-3", "--critic-lr", "2e-4",
+               "--no-compile", cwd=halves, env=ONE_THREAD)
+    c = torch.load(ckpt_path, weights_only=False)
+    assert c["global_step"] == 32 and c["args"]["lr"] == 1e-3 and c["args"]["critic_lr"] == 2e-4
+    assert [c[f"{n}_optimizer"]["param_groups"][0]["lr"] for n in ("bc", "actor", "critic")] == [1e-3, 1e-3, 2e-4]
+
+    # a resume with nothing left to do exits cleanly and keeps the summary (its SPS) ...
+    summary = read_summary(half_dir)
+    proc = run_script("dtql.py", "--resume", str(ckpt_path), "--no-compile", cwd=halves, env=ONE_THREAD)
+    assert "done: 32 gradient steps" in proc.stdout and "eval  step" not in proc.stdout
+    assert read_summary(half_dir) == summary and summary["sps"] > 0
+    # ... unless the checkpoint has no evaluation yet: then it evaluates once and writes a summary without SPS
+    c["eval"] = []
+    torch.save(c, half_dir / "no_eval.pt")
+    proc = run_script("dtql.py", "--resume", str(half_dir / "no_eval.pt"), "--no-compile", cwd=halves, env=ONE_THREAD)
+    assert "eval  step         32" in proc.stdout and "done: 32 gradient steps" in proc.stdout
+    summary = read_summary(half_dir)
+    assert [e["step"] for e in summary["eval"]] == [32] and summary["sps"] is None
+    assert summary["train_ms_per_step"] is None and summary["final_eval_return"] is not None
+
+    # flags that fix the saved networks' shapes cannot change on resume; a file that is not a checkpoint is one line
+    for path, flags, needle in ((ckpt_path, ["--hidden-dim", "64"], "--hidden-dim"),
+                                (ckpt_path, ["--dataset-id", "test/hopper/other-v0"], "--dataset-id"),
+                                (half_dir / "summary.json", [], "cannot read")):
+        proc = run_script("dtql.py", "--resume", str(path), *flags, cwd=halves, check=False, env=ONE_THREAD)
+        assert_one_line_error(proc, "dtql.py: error: --resume", needle)
+
 
 def test_bandit_one_step_policy_picks_the_best_mode(tmp_path, minari_root):
     offline_data.make_bandit_dataset()
@@ -337,6 +382,13 @@ def test_bad_input_exits_with_one_line(tmp_path, minari_root, flags, needles):
     (dict(preset="hopper-huge-v9"), "--preset"), (dict(expectile=1.5), "--expectile"), (dict(num_envs=4), "--num-envs"),
     (dict(total_timesteps=-1), "--total-timesteps"), (dict(sigma_min=0.6), "--sigma-min"), (dict(alpha=-1.0), "--alpha"),
     (dict(resume="no/such/checkpoint.pt"), "no/such/checkpoint.pt"), (dict(time_dim=7), "--time-dim"),
+    (dict(lr=float("nan")), "--lr"), (dict(lr=0.0), "--lr"), (dict(critic_lr=float("inf")), "--critic-lr"),
+    (dict(alpha=float("inf")), "--alpha"), (dict(nll_weight=-0.5), "--nll-weight"), (dict(tau=float("nan")), "--tau"),
+    (dict(gamma=0.0), "--gamma"), (dict(expectile=0.0), "--expectile"), (dict(sigma_min=0.0), "--sigma-min"),
+    (dict(sigma_max=1e7), "--sigma-max"), (dict(sigma_data=100.0), "--sigma-data"), (dict(seed=-1), "--seed"),
+    (dict(pretrain_steps=-1), "--pretrain"), (dict(eval_candidates=0), "--eval-candidates"),
+    (dict(eval_episodes=0), "--eval-episodes"),
+    (dict(checkpoint_frequency=0), "--checkpoint-frequency"), (dict(hidden_dim=0), "--hidden-dim"),
 ])
 def test_check_args_rejects_bad_values(changes, needle):
     with pytest.raises(SystemExit) as exc:
@@ -345,8 +397,166 @@ def test_check_args_rejects_bad_values(changes, needle):
     assert "\n" not in str(exc.value)
 
 
+def test_check_args_accepts_the_common_flags_dtql_does_not_use():
+    """--kernels and --diffusion-steps are read by nothing: any value passes (no power-of-two width as for Triton)."""
+    dtql.check_args(dtql.Args(kernels="triton", hidden_dim=48, diffusion_steps=7))
+    source = open(dtql.__file__).read()
+    assert "import kernels" not in source and "args.kernels" not in source
+
+
 def test_dict_observations_are_flattened_in_sorted_key_order():
     space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (3,)), "desired_goal": gym.spaces.Box(-1, 1, (2,))})
     obs = {"observation": np.arange(6.0).reshape(2, 3), "desired_goal": np.array([[10.0, 11.0], [12.0, 13.0]])}
     np.testing.assert_array_equal(dtql.flatten_obs(obs, space), [[10, 11, 0, 1, 2], [12, 13, 3, 4, 5]])
     np.testing.assert_array_equal(dtql.flatten_obs(np.ones(4), gym.spaces.Box(-1, 1, (4,))), np.ones(4))
+    # nested (Minari kitchen: goals are Dicts keyed by task): sorted at every level, whatever the obs dicts' order
+    goal = gym.spaces.Dict({"microwave": gym.spaces.Box(-9, 9, (1,)), "kettle": gym.spaces.Box(-9, 9, (2,))})
+    nested = gym.spaces.Dict({"observation": gym.spaces.Box(-9, 9, (2,)), "goal": goal})
+    obs = {"observation": np.array([0.0, 1.0]), "goal": {"microwave": np.array([2.0]), "kettle": np.array([3.0, 4.0])}}
+    np.testing.assert_array_equal(dtql.flatten_obs(obs, nested), [3, 4, 2, 0, 1])
+    episode = {"observation": np.zeros((3, 2)), "goal": {"microwave": np.ones((3, 1)), "kettle": np.full((3, 2), 2.0)}}
+    np.testing.assert_array_equal(dtql.flatten_obs(episode, nested), [[2, 2, 1, 0, 0]] * 3)  # [T+1] per leaf
+
+
+# A toy env with Minari-kitchen-like nested Dict observations, actions in a box that is not [-1, 1], episodes of 3
+# steps; its observation at step t is a known function of t. Registered with an entry point in this module.
+def box(n: int) -> gym.spaces.Box:
+    return gym.spaces.Box(-1e3, 1e3, (n,), np.float64)
+
+
+NESTED_SPACE = gym.spaces.Dict({"observation": box(2),
+                                "desired_goal": gym.spaces.Dict({"microwave": box(1), "kettle": box(2)}),
+                                "achieved_goal": gym.spaces.Dict({"microwave": box(1), "kettle": box(2)})})
+NESTED_ENV_ID = "DtqlNestedGoal-v0"
+
+
+def nested_obs(t):
+    """Observation(s) at step(s) t (scalar or [T]): leaves [2] / [1] or [T, 2] / [T, 1], in insertion order."""
+    t = np.asarray(t, dtype=np.float64)[..., None]
+    return {"observation": np.concatenate([t, t + 0.5], -1),
+            "desired_goal": {"microwave": 10 + t, "kettle": np.concatenate([20 + t, 21 + t], -1)},
+            "achieved_goal": {"microwave": 30 + t, "kettle": np.concatenate([40 + t, 41 + t], -1)}}
+
+
+def nested_flat(t):
+    """What flatten_obs must give: sorted keys at every level -> achieved (kettle, microwave), desired (...), obs."""
+    t = np.asarray(t, dtype=np.float32)[..., None]
+    return np.concatenate([40 + t, 41 + t, 30 + t, 20 + t, 21 + t, 10 + t, t, t + 0.5], -1)
+
+
+class NestedGoalEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, render_mode=None):
+        self.render_mode, self.observation_space, self.t = render_mode, NESTED_SPACE, 0
+        self.action_space = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 4.0], np.float32))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return nested_obs(self.t), {}
+
+    def step(self, action):
+        self.t += 1
+        return nested_obs(self.t), 1.0, self.t >= 3, False, {}
+
+    def render(self):
+        raise RuntimeError("no display here\nsecond line of the message")
+
+
+if NESTED_ENV_ID not in gym.registry:
+    gym.register(NESTED_ENV_ID, entry_point=f"{__name__}:NestedGoalEnv")
+
+
+def make_nested_dataset(dataset_id: str = "toy/nested-goal-v0"):
+    """Two episodes under MINARI_DATASETS_PATH: 3 steps ending in a termination, then 2 steps (obs from t = 100)
+    ending in a truncation. Actions [5, 2] in the box [-2, 2] x [0, 4], rewards 0.5, 1.5, ..."""
+    actions = np.array([[2.0, 0.0], [0.0, 2.0], [-1.0, 3.0], [-2.0, 4.0], [1.0, 1.0]], np.float32)
+    rewards = np.arange(5) + 0.5
+    episodes = [(np.arange(4), slice(0, 3), [0, 0, 1], [0, 0, 0]), (100 + np.arange(3), slice(3, 5), [0, 0], [0, 1])]
+    buffers = [EpisodeBuffer(id=i, observations=nested_obs(t), actions=actions[rows], rewards=rewards[rows],
+                             terminations=np.array(term, bool), truncations=np.array(trunc, bool))
+               for i, (t, rows, term, trunc) in enumerate(episodes)]
+    spec = gym.spec(NESTED_ENV_ID)
+    return minari.create_dataset_from_buffers(dataset_id, buffers, env=spec, eval_env=spec, algorithm_name="by hand",
+                                              author="diffusion-rl tests", author_email="tests@localhost",
+                                              code_permalink="tests/test_dtql.py", ref_min_score=0.0, ref_max_score=1.0,
+                                              description="nested Dict observations")
+
+
+def test_dataset_tensors_shapes_bootstrap_cut_and_reward_tune(minari_root):
+    dataset = make_nested_dataset()
+    data = dtql.dataset_tensors(dataset, "no", torch.device("cpu"))
+    assert {k: tuple(v.shape) for k, v in data.items()} == {"obs": (5, 8), "next_obs": (5, 8), "actions": (5, 2),
+                                                            "rewards": (5, 1), "not_dones": (5, 1)}
+    assert all(v.dtype == torch.float32 for v in data.values())
+    # obs[:-1] -> obs[1:] per episode: the last transition of an episode keeps its own final obs, never the next
+    # episode's first one
+    steps = np.array([0, 1, 2, 100, 101])
+    np.testing.assert_array_equal(data["obs"].numpy(), nested_flat(steps))
+    np.testing.assert_array_equal(data["next_obs"].numpy(), nested_flat(steps + 1))
+    # the termination (last step of episode 0) cuts the bootstrap, the truncation (last of episode 1) does not
+    assert data["not_dones"][:, 0].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    # actions rescaled from [-2, 2] x [0, 4] to [-1, 1]^2
+    np.testing.assert_allclose(data["actions"].numpy(), [[1, -1], [0, 0], [-0.5, 0.5], [-1, 1], [0.5, -0.5]])
+    np.testing.assert_allclose(data["rewards"][:, 0].numpy(), [0.5, 1.5, 2.5, 3.5, 4.5])
+    tuned = dtql.dataset_tensors(dataset, "iql_antmaze", torch.device("cpu"))  # antmaze: r - 1, nothing else changes
+    np.testing.assert_allclose(tuned["rewards"][:, 0].numpy(), [-0.5, 0.5, 1.5, 2.5, 3.5])
+    for key in ("obs", "next_obs", "actions", "not_dones"):
+        assert torch.equal(tuned[key], data[key]), key
+
+
+def test_nested_dict_observations_in_the_dataset_and_the_eval_env(minari_root):
+    dataset = make_nested_dataset()
+    dtql.check_spaces(dataset, "toy/nested-goal-v0")  # nested Dicts of flat Boxes pass
+    data = dtql.dataset_tensors(dataset, "no", torch.device("cpu"))
+    env = dtql.make_env(dataset, seed=0)()
+    assert env.observation_space.shape == (8,)
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(obs, data["obs"][0].numpy())  # the same flattening as the dataset's
+    obs, *_ = env.step(np.array([1.0, -1.0], np.float32))
+    np.testing.assert_array_equal(obs, data["next_obs"][0].numpy())
+    env.close()
+    # a Dict leaf that is not a flat Box is still refused with one line
+    square = gym.spaces.Box(0, 1, (2, 2))
+    bad = types.SimpleNamespace(observation_space=gym.spaces.Dict({"a": gym.spaces.Dict({"b": square})}),
+                                action_space=gym.spaces.Box(-1, 1, (2,)))
+    with pytest.raises(SystemExit) as exc:
+        dtql.check_spaces(bad, "toy/bad-v0")
+    assert str(exc.value).startswith("dtql.py: error: toy/bad-v0") and "\n" not in str(exc.value)
+    # as is an empty Dict, and an action dimension that cannot be rescaled (high == low: a division by zero)
+    flat_dim = gym.spaces.Box(np.zeros(2), np.array([1.0, 0.0]), dtype=np.float64)
+    for obs_space, act_space, needle in ((gym.spaces.Dict({}), box(2), "observation space"),
+                                         (box(2), flat_dim, "high <= low")):
+        with pytest.raises(SystemExit) as exc:
+            dtql.check_spaces(types.SimpleNamespace(observation_space=obs_space, action_space=act_space), "toy/bad-v0")
+        assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_capture_video_checks_rendering_at_start(minari_root, monkeypatch):
+    """check_video (run before the run directory exists): moviepy first, then one render of the eval env."""
+    dataset = make_nested_dataset()
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit) as exc:
+            dtql.check_video(dataset)
+        assert "pip install moviepy" in str(exc.value)
+        monkeypatch.setitem(sys.modules, "moviepy", types.ModuleType("moviepy"))
+    with pytest.raises(SystemExit) as exc:  # NestedGoalEnv.render raises a two-line error
+        dtql.check_video(dataset)
+    message = str(exc.value)
+    assert message.startswith("dtql.py: error: --capture-video") and "no display here" in message
+    assert "MUJOCO_GL=egl" in message and "\n" not in message
+
+
+def test_capture_video_without_moviepy_fails_before_the_run_directory(tmp_path, minari_root):
+    try:
+        import moviepy  # noqa: F401
+        pytest.skip("moviepy is installed, so --capture-video does not fail here")
+    except ImportError:
+        pass
+    offline_data.make_mujoco_dataset()
+    proc = run_script("dtql.py", *TINY, "--capture-video", "--no-compile", cwd=tmp_path, check=False, env=ONE_THREAD)
+    assert_one_line_error(proc, "dtql.py: error:", "pip install moviepy")
+    assert not run_dirs(tmp_path)
