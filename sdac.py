@@ -133,8 +133,8 @@ SCRIPT = os.path.basename(__file__)
 
 
 def fail(message: str) -> None:
-    """Bad input: one actionable line on stderr and exit code 1, no traceback."""
-    sys.exit(f"{SCRIPT}: error: {message}")
+    """Bad input: one actionable line on stderr and exit code 1, no traceback (quoted exception text is joined)."""
+    sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
 def check_args(args: Args) -> None:
@@ -142,6 +142,9 @@ def check_args(args: Args) -> None:
                 "log_frequency", "checkpoint_frequency", "buffer_size", "policy_frequency", "num_particles",
                 "num_reverse_samples", "alpha_frequency", "hidden_dim", "q_lr", "policy_lr", "policy_lr_end",
                 "policy_lr_decay_steps", "alpha_lr", "init_noise_scale"]
+    for name, value in vars(args).items():  # nan passes every comparison below and inf breaks Adam
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in positive:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -149,6 +152,8 @@ def check_args(args: Args) -> None:
         fail("--noise-scale and --policy-lr-decay-begin must be >= 0")
     if not 0 < args.beta_schedule_scale * 0.999 < 1:
         fail(f"--beta-schedule-scale must be in (0, 1/0.999) so every beta is in (0, 1), got {args.beta_schedule_scale}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32) (numpy's seed range), got {args.seed}")
     if args.learning_starts < 0 or args.learning_starts > args.buffer_size:
         fail(f"--learning-starts must be in [0, buffer-size={args.buffer_size}], got {args.learning_starts}")
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1:
@@ -681,8 +686,8 @@ if __name__ == "__main__":
     if global_step == start_step and not eval_history:  # resumed at or past --total-timesteps before any evaluation
         run_evaluation()
     wall = time.time() - start_time
-    if global_step > start_step:  # a resume with nothing left to do keeps the summary's SPS
-        write_summary(prior_wall + wall, (global_step - start_step) / wall)
+    if global_step > start_step or not os.path.exists(os.path.join(run_dir, "summary.json")):  # else keep its SPS
+        write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
     print(f"done: {global_step:,} env steps in {wall:.0f} s; final eval return {eval_history[-1]['mean_return']:.2f}; "
           f"summary in {os.path.join(run_dir, 'summary.json')}")
     envs.close()

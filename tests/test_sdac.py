@@ -141,6 +141,11 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     ends = torch.arange(len(obs) - 2) // 2 % 40 == 39
     assert torch.equal(~continues, ends) and ends.sum() == 4 and dones.sum() == 0  # steps 40 and 80, two envs
 
+    # resuming a finished run does nothing and keeps the summary (its SPS included)
+    before = (run_dir / "summary.json").read_text()
+    run_script("sdac.py", "--resume", str(run_dir / "checkpoint.pt"), cwd=tmp_path)
+    assert (run_dir / "summary.json").read_text() == before
+
     # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
     for flags, needle in ((["--hidden-dim", "64"], "--hidden-dim"), (["--total-timesteps", "300"], "checkpoint")):
         path = run_dir / "checkpoint.pt" if flags[0] == "--hidden-dim" else run_dir / "summary.json"
@@ -168,6 +173,8 @@ def test_terminations_cut_the_bootstrap_and_keep_the_final_obs(tmp_path):
     (["--policy-lr-decay-steps", "0"], ["--policy-lr-decay-steps"]),
     (["--beta-schedule-scale", "2"], ["--beta-schedule-scale"]),
     (["--q-lr", "-1"], ["--q-lr"]),
+    (["--tau", "nan"], ["--tau", "finite"]),
+    (["--seed", "-1"], ["--seed"]),
     (["--kernels", "triton", "--hidden-dim", "48"], ["--hidden-dim", "power of two"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
