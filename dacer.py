@@ -138,8 +138,8 @@ SCRIPT = os.path.basename(__file__)
 
 
 def fail(message: str) -> None:
-    """Bad input: one actionable line on stderr and exit code 1, no traceback."""
-    sys.exit(f"{SCRIPT}: error: {message}")
+    """Bad input: one actionable line on stderr and exit code 1, no traceback (quoted exception text is joined)."""
+    sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
 def check_args(args: Args) -> None:
@@ -807,8 +807,8 @@ if __name__ == "__main__":
     if global_step == start_step and not eval_history:  # resumed at or past --total-timesteps before any evaluation
         run_evaluation()
     wall = time.time() - start_time
-    if global_step > start_step:  # a resume with nothing left to do keeps the summary's SPS
-        write_summary(prior_wall + wall, (global_step - start_step) / wall)
+    if global_step > start_step or not os.path.exists(os.path.join(run_dir, "summary.json")):  # else keep its SPS
+        write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
     print(f"done: {global_step:,} env steps in {wall:.0f} s; final eval return {eval_history[-1]['mean_return']:.2f}; "
           f"summary in {os.path.join(run_dir, 'summary.json')}")
     envs.close()

@@ -191,8 +191,8 @@ SCRIPT = os.path.basename(__file__)
 
 
 def fail(message: str) -> None:
-    """Bad input: one actionable line on stderr and exit code 1, no traceback."""
-    sys.exit(f"{SCRIPT}: error: {message}")
+    """Bad input: one actionable line on stderr and exit code 1, no traceback (quoted exception text is joined)."""
+    sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
 def first_line(e: Exception) -> str:
