@@ -20,10 +20,14 @@ Deviations from the official code (each deliberate; README.md#diffusion_ql expla
    one-exp formula inside (equal to F.mish up to float rounding; eager F.mish if compilation fails), and Adam is
    `fused=True` (official: foreach/for-loop Adam, same update up to rounding).
 4. The DDPM coefficients are computed in float64 and cast to float32 (official: float32 throughout; ~1e-7 relative).
-5. Dict observations of flat Boxes (Minari's antmaze and kitchen: observation + goals) are concatenated in sorted key
-   order, in the dataset and in the eval env alike; D4RL's flat observations had no goal entries.
-6. Datasets with no official twin get a family preset (the row of hopper-medium, antmaze-medium-diverse, pen-human or
-   kitchen-partial), and the normalised score uses the dataset's own reference scores, never D4RL's.
+5. Dict observations of flat Boxes, nested Dicts included (Minari's antmaze: observation + goals; kitchen: its
+   achieved_goal/desired_goal are Dicts keyed by task), are concatenated in sorted key order at every level, in the
+   dataset and in the eval env alike; D4RL's flat observations had no goal entries.
+6. Datasets with no official twin get a family preset, chosen by the env part of the id (D4RL/door/human-v2 -> door):
+   the row of hopper-medium (locomotion: every env not named below), antmaze-medium-diverse (antmaze), pen-human (pen
+   and the other Adroit hand tasks door, hammer, relocate: the official code's one Adroit task stands for its suite)
+   or kitchen-partial (kitchen); the normalised score uses the dataset's own reference scores, never D4RL's.
+7. `--reward-tune normalize` on constant rewards (std 0) makes them all 0, with a warning (official: 0/0 = NaN).
 Official quirks kept: the EMA actor is a copy of the initial actor and only starts moving at step 1000, so the first
 1000 critic targets use the untrained policy; `--lr-decay` is the official cosine schedule stepped once per
 evaluation (every 50k steps) over T_max = epochs, which leaves the lr at ~0.999x of its start, i.e. no decay;
@@ -75,6 +79,10 @@ OFFICIAL_TASKS = {
 # Named presets: the official row of one representative task per family, used for datasets with no official twin.
 PRESETS = {"locomotion": "hopper-medium-v2", "antmaze": "antmaze-medium-diverse-v0", "pen": "pen-human-v1",
            "kitchen": "kitchen-partial-v0"}
+# --preset auto: the family of a Minari env name (the id's part before the last "/"); any other env is locomotion.
+# The official code's only Adroit task (pen) stands for the whole Adroit suite: door, hammer and relocate get its row.
+FAMILIES = {"antmaze": "antmaze", "pen": "pen", "door": "pen", "hammer": "pen", "relocate": "pen",
+            "kitchen": "kitchen"}
 
 
 @dataclass
@@ -167,14 +175,17 @@ SCRIPT = os.path.basename(__file__)
 
 
 def fail(message: str) -> None:
-    """Bad input: one actionable line on stderr and exit code 1, no traceback."""
-    sys.exit(f"{SCRIPT}: error: {message}")
+    """Bad input: one actionable line on stderr and exit code 1, no traceback (quoted exception text is joined)."""
+    sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
 def check_args(args: Args) -> None:
+    for name, value in vars(args).items():  # nan/inf pass `<`-checks (lr, eta, grad-norm, gamma, tau, ema-decay)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     positive = ["batch_size", "eval_frequency", "diffusion_steps", "log_frequency", "checkpoint_frequency",
-                "ema_frequency", "max_q_backup_samples", "eval_candidates", "hidden_dim"]
-    for name in positive + [n for n in ("total_timesteps", "eval_episodes") if getattr(args, n) is not None]:
+                "ema_frequency", "max_q_backup_samples", "eval_candidates", "hidden_dim", "critic_lr"]
+    for name in positive + [n for n in ("total_timesteps", "eval_episodes", "lr") if getattr(args, n) is not None]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.learning_starts != 0 or args.num_envs != 1:
@@ -185,10 +196,10 @@ def check_args(args: Args) -> None:
     if not 0 < args.gamma <= 1 or not 0 < args.tau <= 1 or not 0 <= args.ema_decay < 1:
         fail(f"--gamma and --tau must be in (0, 1] and --ema-decay in [0, 1), got {args.gamma}, {args.tau}, "
              f"{args.ema_decay}")
-    if (args.lr is not None and args.lr <= 0) or args.critic_lr <= 0:
-        fail("--lr and --critic-lr must be positive")
     if args.eta is not None and args.eta < 0:
         fail(f"--eta must be >= 0, got {args.eta}")
+    if not 0 <= args.seed < 2**32:  # np.random.seed's range
+        fail(f"--seed must be in [0, 2**32) (numpy's seed range), got {args.seed}")
     if args.ema_start < 0:
         fail(f"--ema-start must be >= 0, got {args.ema_start}")
     if args.time_dim < 4 or args.time_dim % 2:
@@ -197,13 +208,40 @@ def check_args(args: Args) -> None:
         fail(f"--resume: no checkpoint at {args.resume!r} (runs/<run_name>/checkpoint.pt is written by --save-model)")
 
 
+# Flags that fix the shapes of the saved networks (the dataset fixes their input and output sizes): a resumed run must
+# keep them.
+SHAPE_ARGS = ("dataset_id", "hidden_dim", "time_dim", "diffusion_steps")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with a one-line error for a file that is not one of this script's checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a pickle, ...
+        fail(f"--resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})")
+    if not (isinstance(checkpoint, dict) and "global_step" in checkpoint
+            and set(checkpoint.get("args", {"?": 0})) <= set(Args.__dataclass_fields__)):
+        fail(f"--resume: {path!r} is not a checkpoint written by {SCRIPT} --save-model")
+    return checkpoint
+
+
+def check_resume_args(args: Args, saved: dict) -> None:
+    for name in SHAPE_ARGS:
+        if getattr(args, name) != saved.get(name, getattr(args, name)):
+            fail(f"--resume: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]}; it fixes the saved networks' shapes, so leave it unset")
+
+
+def env_name(dataset_id: str) -> str:
+    """The env part of a Minari id, the component before the last "/": D4RL/pen/human-v2 -> pen ("" if none)."""
+    parts = dataset_id.lower().split("/")
+    return parts[-2] if len(parts) >= 2 else ""
+
+
 def official_task(dataset_id: str) -> str | None:
     """The official (D4RL) task a Minari dataset id corresponds to, e.g. mujoco/hopper/medium-v0 -> hopper-medium-v2,
     D4RL/antmaze/umaze-diverse-v1 -> antmaze-umaze-diverse-v0, D4RL/pen/human-v2 -> pen-human-v1; else None."""
-    parts = dataset_id.rsplit("-v", 1)[0].split("/")
-    if len(parts) < 2:
-        return None
-    env, name = parts[-2].lower(), parts[-1].lower()
+    env, name = env_name(dataset_id), dataset_id.lower().rsplit("/", 1)[-1].rsplit("-v", 1)[0]
     suffix = {"halfcheetah": "v2", "hopper": "v2", "walker2d": "v2", "antmaze": "v0", "pen": "v1", "kitchen": "v0"}
     task = f"{env}-{name}-{suffix[env]}" if env in suffix else None
     return task if task in OFFICIAL_TASKS else None
@@ -215,9 +253,8 @@ def resolve_preset(args: Args) -> tuple[Args, str]:
         task = args.preset
     elif args.preset in PRESETS:
         task = PRESETS[args.preset]
-    else:  # auto: the dataset's official twin, else the family preset its id names, else locomotion
-        family = next((f for f in ("antmaze", "pen", "kitchen") if f in args.dataset_id.lower()), "locomotion")
-        task = official_task(args.dataset_id) or PRESETS[family]
+    else:  # auto: the dataset's official twin, else the family preset of its env name, else locomotion
+        task = official_task(args.dataset_id) or PRESETS[FAMILIES.get(env_name(args.dataset_id), "locomotion")]
     lr, eta, max_q_backup, reward_tune, epochs, grad_norm = OFFICIAL_TASKS[task]
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return replace(args, lr=pick(args.lr, lr), eta=pick(args.eta, eta), max_q_backup=pick(args.max_q_backup, max_q_backup),
@@ -261,8 +298,12 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
     low, high = dataset.action_space.low, dataset.action_space.high
     actions = 2.0 * (np.concatenate(actions) - low) / (high - low) - 1.0
     rewards = torch.as_tensor(np.concatenate(rewards), dtype=torch.float32)
-    if reward_tune == "normalize":  # pen: torch's unbiased std, as the official Data_Sampler
-        rewards = (rewards - rewards.mean()) / rewards.std()
+    if reward_tune == "normalize" and rewards.numel() > 1 and rewards.max() > rewards.min():
+        rewards = (rewards - rewards.mean()) / rewards.std()  # pen: torch's unbiased std, as the official Data_Sampler
+    elif reward_tune == "normalize":  # constant: the official 0/0 would make every reward NaN
+        print(f"{SCRIPT}: warning: the rewards of {dataset.spec.dataset_id} are constant; --reward-tune normalize "
+              "makes them all 0", file=sys.stderr, flush=True)
+        rewards = torch.zeros_like(rewards)
     elif reward_tune == "cql_antmaze":
         rewards = (rewards - 0.5) * 4.0
     data = {"obs": np.concatenate(obs), "next_obs": np.concatenate(next_obs), "actions": np.clip(actions, -1.0, 1.0),
@@ -271,38 +312,51 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in {**data, "rewards": rewards}.items()}
 
 
-def flatten_obs(obs, space: gym.spaces.Space) -> np.ndarray:
-    """[..., S] float array of a Box observation, or of a Dict of Box observations (antmaze, kitchen: observation +
-    goals) concatenated in sorted key order, for the dataset ([T+1] per key) and the eval env alike."""
+def obs_leaves(space: gym.spaces.Space) -> list[gym.spaces.Space]:
+    """The leaf spaces of an observation space in flattening order: nested Dicts in sorted key order at every level."""
     if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(*np.shape(obs[k])[:-1], -1)
-                               for k in sorted(space.spaces)], axis=-1)
+        return [leaf for key in sorted(space.spaces) for leaf in obs_leaves(space.spaces[key])]
+    return [space]
+
+
+def flatten_obs(obs, space: gym.spaces.Space) -> np.ndarray:
+    """[..., S] float array of a Box observation, or of a Dict of them, nested Dicts included (antmaze: observation +
+    goals; kitchen: goals that are Dicts keyed by task), concatenated in sorted key order at every level (the order of
+    `obs_leaves`), for the dataset ([T+1, d] per leaf) and the eval env ([d] per leaf) alike."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_obs(obs[key], space.spaces[key]) for key in sorted(space.spaces)], axis=-1)
     return np.asarray(obs, dtype=np.float32)
 
 
 def check_spaces(dataset, dataset_id: str) -> None:
-    obs_space = dataset.observation_space
-    subspaces = obs_space.spaces.values() if isinstance(obs_space, gym.spaces.Dict) else [obs_space]
-    for what, spaces in (("observation", subspaces), ("action", [dataset.action_space])):
-        if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1 for space in spaces):
-            fail(f"{dataset_id} has the {what} space {obs_space if what == 'observation' else dataset.action_space}; "
-                 f"{SCRIPT} needs flat Box spaces (observations may be a Dict of flat Boxes)")
-    if not (np.all(np.isfinite(dataset.action_space.low)) and np.all(np.isfinite(dataset.action_space.high))):
+    obs_space, act_space = dataset.observation_space, dataset.action_space
+    for what, space, leaves in (("observation", obs_space, obs_leaves(obs_space)), ("action", act_space, [act_space])):
+        if not leaves or not all(isinstance(leaf, gym.spaces.Box) and len(leaf.shape) == 1 for leaf in leaves):
+            fail(f"{dataset_id} has the {what} space {space}; {SCRIPT} needs flat Box spaces (observations may be a "
+                 "Dict of flat Boxes, nested Dicts included)")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
         fail(f"{dataset_id} has unbounded actions; the diffusion policy needs finite Box bounds")
+    if not np.all(act_space.high > act_space.low):
+        fail(f"{dataset_id} has an action dimension with high <= low ({act_space}); it cannot be rescaled to [-1, 1]")
+
+
+def recover_eval_env(dataset, **kwargs) -> gym.Env:
+    """The dataset's eval env (kwargs go to gym.make), or a one-line error."""
+    try:
+        return dataset.recover_environment(eval_env=True, **kwargs)
+    except Exception as e:  # unregistered/unimportable entry point, missing MuJoCo, ...
+        fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
 
 
 def make_env(dataset, seed: int, video_dir: str | None = None):
     """A thunk that builds one evaluation env (the dataset's eval env) acting in [-1, 1]."""
 
     def thunk() -> gym.Env:
-        try:
-            env = dataset.recover_environment(eval_env=True, **({"render_mode": "rgb_array"} if video_dir else {}))
-        except Exception as e:  # unregistered/unimportable entry point, missing MuJoCo, ...
-            fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
+        env = recover_eval_env(dataset, **({"render_mode": "rgb_array"} if video_dir else {}))
         if video_dir:
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, disable_logger=True)
         if isinstance(env.observation_space, gym.spaces.Dict):  # same flattening as the dataset's observations
-            size = sum(int(np.prod(s.shape)) for s in env.observation_space.spaces.values())
+            size = sum(int(np.prod(s.shape)) for s in obs_leaves(env.observation_space))
             box = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
             env = gym.wrappers.TransformObservation(env, lambda o, space=env.observation_space: flatten_obs(o, space), box)
         ones = np.ones(env.action_space.shape, dtype=np.float32)
@@ -311,6 +365,23 @@ def make_env(dataset, seed: int, video_dir: str | None = None):
         return env
 
     return thunk
+
+
+def check_video(dataset) -> None:
+    """--capture-video renders only at the first evaluation: fail now, not hours into the run, if it cannot."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+    env = recover_eval_env(dataset, render_mode="rgb_array")
+    env_id = env.spec.id if env.spec is not None else dataset.spec.dataset_id
+    try:
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as e:  # no OpenGL context, no pygame, ...
+        fail(f"--capture-video: {env_id} cannot render ({type(e).__name__}: {e}); on a headless machine set "
+             "MUJOCO_GL=egl (or osmesa)")
 
 
 def mish_one_exp(z: torch.Tensor) -> torch.Tensor:
@@ -523,14 +594,16 @@ def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], step:
 
 
 @torch.no_grad()
-def select_actions(actor: Denoiser, qf1: QNetwork, qf2: QNetwork, schedule: DDPMSchedule, obs: torch.Tensor,
-                   num_candidates: int, backend: str = "torch") -> torch.Tensor:
-    """Evaluation action: `num_candidates` samples per state [B, S], one drawn per state with probability
-    softmax(min(Q1, Q2)) over its candidates (temperature 1, as the official `sample_action`). Returns [B, A]."""
+def select_actions(nets: dict[str, nn.Module], schedule: DDPMSchedule, obs: torch.Tensor, num_candidates: int,
+                   backend: str = "torch") -> torch.Tensor:
+    """Evaluation action: `num_candidates` samples per state [B, S] from the online (not the EMA) actor, one drawn per
+    state with probability softmax(min(Q1', Q2')) of the target critics over its candidates (temperature 1, as the
+    official `sample_action`). Returns [B, A]."""
     batch = obs.shape[0]
     obs_rep = obs.repeat_interleave(num_candidates, 0)  # [B*K, S], the candidates of a state are contiguous
-    actions = sample_actions(actor, schedule, obs_rep, backend)  # [B*K, A]
-    q = torch.min(qf1(obs_rep, actions), qf2(obs_rep, actions)).view(batch, num_candidates)
+    actions = sample_actions(nets["actor"], schedule, obs_rep, backend)  # [B*K, A]
+    q = torch.min(nets["qf1_target"](obs_rep, actions), nets["qf2_target"](obs_rep, actions))
+    q = q.view(batch, num_candidates)
     idx = torch.multinomial(torch.softmax(q, dim=1), 1).squeeze(1)  # [B]
     return actions.view(batch, num_candidates, -1)[torch.arange(batch, device=obs.device), idx]
 
@@ -572,9 +645,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resolve_backend(choice: str, device: torch.device) -> str:
+def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
     """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
     if choice == "torch":
+        return "torch"
+    if hidden_dim < 16 or hidden_dim & (hidden_dim - 1):  # the fused kernel tiles H in power-of-two chunks
+        if choice == "triton":
+            fail(f"--kernels triton needs --hidden-dim a power of two >= 16, got {hidden_dim}; use --kernels torch")
         return "torch"
     try:
         import kernels
@@ -592,17 +669,15 @@ if __name__ == "__main__":
     check_args(args)
     checkpoint = None
     if args.resume:  # the saved (resolved) flags become the defaults; flags given now override them
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(args.resume)
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
         check_args(args)
+        check_resume_args(args, checkpoint["args"])
     args, task = resolve_preset(args)
     dataset = load_dataset(args.dataset_id)
     check_spaces(dataset, args.dataset_id)
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            fail("--capture-video needs moviepy: pip install moviepy (headless MuJoCo also needs MUJOCO_GL=egl)")
+        check_video(dataset)
     run_name = (checkpoint["run_name"] if checkpoint
                 else f"{args.dataset_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join("runs", run_name)
@@ -622,7 +697,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    backend = resolve_backend(args.kernels, device)
+    backend = resolve_backend(args.kernels, device, args.hidden_dim)
     compile_step = args.compile and backend == "torch"
 
     # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
@@ -632,7 +707,13 @@ if __name__ == "__main__":
                           else None)() for i in range(args.eval_episodes)]
     metadata = dataset.storage.metadata
     ref_scores = (metadata["ref_min_score"], metadata["ref_max_score"]) if "ref_max_score" in metadata else None
+    if ref_scores and not (np.all(np.isfinite(ref_scores)) and ref_scores[1] != ref_scores[0]):
+        ref_scores = None  # equal or non-finite reference scores: no normalised score (it would be inf or NaN)
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
+    env_shapes = (eval_envs[0].observation_space.shape, eval_envs[0].action_space.shape)
+    if env_shapes != ((obs_dim,), (act_dim,)):
+        fail(f"the eval env of {args.dataset_id} has (flattened) observations and actions of shapes {env_shapes[0]} "
+             f"and {env_shapes[1]}, the dataset ({obs_dim},) and ({act_dim},)")
     print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
           f"(lr {args.lr}, eta {args.eta}, max_q_backup {args.max_q_backup}, reward {args.reward_tune}, "
           f"grad_norm {args.grad_norm}, {args.total_timesteps:,} steps); kernels {backend}, compile {compile_step}"
@@ -678,7 +759,7 @@ if __name__ == "__main__":
         set_rng_states(checkpoint["rng"])
         print(f"resumed {run_name} at step {global_step:,}")
 
-    def write_summary(wall_seconds: float, sps: float) -> None:
+    def write_summary(wall_seconds: float, sps: float | None) -> None:
         returns = [e["mean_return"] for e in eval_history]
         scores = [e["normalized_score"] for e in eval_history if e.get("normalized_score") is not None]
         summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
@@ -686,14 +767,15 @@ if __name__ == "__main__":
                    "global_step": global_step, "kernels": backend, "compile": compile_step, "device": str(device), "preset": task,
                    "best_normalized_score": max(scores) if scores else None,
                    "last_normalized_score": scores[-1] if scores else None,
-                   "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / max(global_step - start_step, 1)}
+                   "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / (global_step - start_step)
+                   if global_step > start_step else None}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
 
     def run_evaluation() -> None:
         global eval_seconds
         eval_start = time.time()
-        policy = lambda obs: select_actions(actor, qf1_target, qf2_target, schedule, obs, args.eval_candidates, backend)  # noqa: E731
+        policy = lambda obs: select_actions(nets, schedule, obs, args.eval_candidates, backend)  # noqa: E731
         returns = evaluate(eval_envs, policy, args.seed + 100, device)
         entry = {"step": global_step, "mean_return": float(returns.mean()), "std_return": float(returns.std())}
         writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
@@ -775,8 +857,12 @@ if __name__ == "__main__":
         if args.save_model and (global_step % args.checkpoint_frequency == 0 or global_step >= args.total_timesteps):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
 
+    if global_step == start_step and not eval_history:  # resumed at or past --total-timesteps before any evaluation
+        run_evaluation()
+        write_summary(prior_wall + time.time() - start_time, None)  # no summary before this evaluation; no SPS
     wall = time.time() - start_time
-    write_summary(prior_wall + wall, (global_step - start_step) / max(wall, 1e-9))
+    if global_step > start_step:  # a resume with nothing left to do keeps the summary's SPS
+        write_summary(prior_wall + wall, (global_step - start_step) / wall)
     final = eval_history[-1] if eval_history else {}
     print(f"done: {global_step:,} gradient steps in {wall:.0f} s; final eval return {final.get('mean_return', float('nan')):.2f}"
           + (f", normalized {final['normalized_score']:.1f}" if "normalized_score" in final else "")

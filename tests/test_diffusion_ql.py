@@ -1,8 +1,12 @@
-"""Tests of diffusion_ql.py: the VP schedule, the sampler, the official Q-term normalisation and EMA start, the data
-pipeline, an end-to-end run on a small Hopper-v5 Minari dataset (summary, TensorBoard, resume), the Diffusion-QL
-paper's multimodal bandit, and the one-line errors. All datasets are built in tmp_path; nothing is downloaded."""
+"""Tests of diffusion_ql.py: the VP schedule, the sampler, the official Q-term normalisation and EMA start, the
+evaluation action choice, the data pipeline (nested Dict observations, reward transforms, the download branch), an
+end-to-end run on a small Hopper-v5 Minari dataset (summary, TensorBoard, bit-exact resume), the Diffusion-QL paper's
+multimodal bandit, and the one-line errors. All datasets are built in tmp_path; nothing is downloaded."""
 
 import math
+import os
+import sys
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +16,8 @@ import torch.nn.functional as F
 
 import diffusion_ql as dql
 import offline_data
-from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+from helpers import REPO, assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+from minari.data_collector import EpisodeBuffer
 
 # OpenMP threads that spin while the machine is oversubscribed make a step 10-30x slower; one thread is fast everywhere.
 THREADS = {"OMP_NUM_THREADS": "1"}
@@ -190,6 +195,52 @@ def test_ema_starts_at_ema_start_every_ema_frequency_steps():
     torch.testing.assert_close(ema[0], torch.full((3,), 1 - 0.995**2))
 
 
+class PreferQ(torch.nn.Module):
+    """A critic that prefers actions near `target`: Q(s, a) = -scale |a - target|^2."""
+
+    def __init__(self, target, scale: float):
+        super().__init__()
+        self.target, self.scale = torch.tensor(target), scale
+
+    def forward(self, obs, act):
+        return -self.scale * (act - self.target).square().sum(-1)
+
+
+def test_select_actions_ranks_online_actor_candidates_by_the_target_critics(monkeypatch):
+    """The official `sample_action`: candidates from the online actor (not the EMA one), drawn by softmax over the
+    candidates of min(Q1', Q2') of the target critics (not the online ones)."""
+    nets, schedule, _ = tiny_agent(obs_dim=2, act_dim=2)
+    B, K = 6, 16
+    obs = torch.randn(B, 2) * 3
+    # the target heads prefer two different points (so the min matters), the online heads a third one
+    nets.update(qf1_target=PreferQ([0.5, 0.5], 1e6), qf2_target=PreferQ([0.3, -0.2], 1e6),
+                qf1=PreferQ([-0.5, -0.5], 1e6), qf2=PreferQ([-0.5, -0.5], 1e6))
+    torch.manual_seed(7)
+    candidates = dql.sample_actions(nets["actor"], schedule, obs.repeat_interleave(K, 0))  # [B*K, A]
+    q = {k: nets[k](None, candidates).view(B, K) for k in ("qf1_target", "qf2_target", "qf1")}
+    best = candidates.view(B, K, 2)[torch.arange(B), torch.min(q["qf1_target"], q["qf2_target"]).argmax(1)]
+    torch.manual_seed(7)
+    chosen = dql.select_actions(nets, schedule, obs, K)  # Q gaps of >= 1e2 between candidates: the softmax is argmax
+    torch.testing.assert_close(chosen, best, rtol=0, atol=0)
+    for wrong in (q["qf1_target"].argmax(1), q["qf1"].argmax(1)):  # one target head alone, the online heads
+        assert not torch.equal(candidates.view(B, K, 2)[torch.arange(B), wrong], best)
+    torch.manual_seed(7)
+    ema_candidates = dql.sample_actions(nets["ema_actor"], schedule, obs.repeat_interleave(K, 0))
+    assert not torch.isclose(ema_candidates, candidates).all()  # the EMA actor's candidates would differ
+
+    # temperature 1: the draw is multinomial(softmax(min Q')) over each state's candidates
+    nets.update(qf1_target=PreferQ([0.5, 0.5], 2.0), qf2_target=PreferQ([0.3, -0.2], 2.0))
+    seen = []
+    real_multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p) or real_multinomial(p, n))
+    torch.manual_seed(7)
+    dql.select_actions(nets, schedule, obs, K)
+    q1, q2 = nets["qf1_target"](None, candidates).view(B, K), nets["qf2_target"](None, candidates).view(B, K)
+    (probs,) = seen
+    torch.testing.assert_close(probs, torch.softmax(torch.min(q1, q2), dim=1))
+    assert probs.max() < 0.9  # not the argmax regime: the test sees a real distribution
+
+
 def test_presets_resolve_from_the_dataset_id_and_flags_override_them():
     assert dql.official_task("mujoco/hopper/medium-v0") == "hopper-medium-v2"
     assert dql.official_task("D4RL/antmaze/large-diverse-v1") == "antmaze-large-diverse-v0"
@@ -203,6 +254,16 @@ def test_presets_resolve_from_the_dataset_id_and_flags_override_them():
     assert (task, args.eta, args.grad_norm, args.total_timesteps, args.eval_episodes) == ("walker2d-medium-v2", 0.3, 1.0, 7, 10)
     args, task = dql.resolve_preset(dql.Args(dataset_id="my/data-v0", preset="kitchen"))
     assert (task, args.eta, args.total_timesteps) == ("kitchen-partial-v0", 0.005, 1_000_000)
+    # auto without an official twin: the family of the env part of the id, matched exactly (not as a substring)
+    families = {"mujoco/invertedpendulum/medium-v0": "hopper-medium-v2",  # "pen" is a substring, not the env
+                "mujoco/inverteddoublependulum/expert-v0": "hopper-medium-v2",
+                "D4RL/pen/expert-v2": "pen-human-v1", "D4RL/door/human-v2": "pen-human-v1",  # Adroit: pen's row
+                "D4RL/hammer/cloned-v2": "pen-human-v1", "D4RL/relocate/expert-v2": "pen-human-v1",
+                "D4RL/antmaze/open-v1": "antmaze-medium-diverse-v0", "D4RL/kitchen/other-v2": "kitchen-partial-v0",
+                "D4RL/pointmaze/large-v2": "hopper-medium-v2", "penguin/data-v0": "hopper-medium-v2",
+                "toy/pen-like-v0": "hopper-medium-v2"}
+    assert {i: dql.resolve_preset(dql.Args(dataset_id=i))[1] for i in families} == families
+    assert dql.resolve_preset(dql.Args(dataset_id="D4RL/door/human-v2"))[0].reward_tune == "normalize"
 
 
 def test_dataset_transitions_cut_bootstrap_at_terminations_only(minari_root):
@@ -221,6 +282,8 @@ def test_dataset_transitions_cut_bootstrap_at_terminations_only(minari_root):
         start += n
     tuned = dql.dataset_tensors(dataset, "cql_antmaze", torch.device("cpu"))
     torch.testing.assert_close(tuned["rewards"], (data["rewards"] - 0.5) * 4)
+    tuned = dql.dataset_tensors(dataset, "normalize", torch.device("cpu"))  # the official (r - mean) / unbiased std
+    torch.testing.assert_close(tuned["rewards"], (data["rewards"] - data["rewards"].mean()) / data["rewards"].std())
 
 
 class DictObsEnv(offline_data.MultimodalBanditEnv):
@@ -254,6 +317,147 @@ def test_dict_observations_are_flattened_the_same_way_for_data_and_eval_env():
     assert env.observation_space.shape == (5,)
 
 
+NESTED_ENV_ID = "NestedGoalToy-v0"
+
+
+def nested_goal_space(order: list[str]) -> gym.spaces.Dict:
+    """Minari kitchen's layout in miniature: observation + achieved/desired goals that are Dicts keyed by task; built
+    as OrderedDicts in the given (unsorted) order, which gymnasium keeps, so flattening in space order would differ."""
+    from collections import OrderedDict
+
+    goal = lambda: gym.spaces.Dict(OrderedDict([("microwave", gym.spaces.Box(-9, 9, (1,))),  # noqa: E731
+                                                ("kettle", gym.spaces.Box(-9, 9, (2,)))]))
+    spaces = {"observation": gym.spaces.Box(-9, 9, (2,)), "achieved_goal": goal(), "desired_goal": goal()}
+    return gym.spaces.Dict(OrderedDict((k, spaces[k]) for k in order))
+
+
+# leaf values in sorted order at every level: achieved_goal/kettle, achieved_goal/microwave, desired_goal/kettle,
+# desired_goal/microwave, observation; the flat observation must be 1..8
+NESTED_VALUES = {"achieved_goal": {"kettle": [1, 2], "microwave": [3]},
+                 "desired_goal": {"kettle": [4, 5], "microwave": [6]}, "observation": [7, 8]}
+
+
+class NestedGoalEnv(gym.Env):
+    """One-step toy env with a nested Dict observation (constant, NESTED_VALUES); reward 0.5 whatever the action."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+        self.observation_space = nested_goal_space(["observation", "desired_goal", "achieved_goal"])
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.obs(), {}
+
+    def step(self, action):
+        return self.obs(), 0.5, True, False, {}
+
+    @staticmethod
+    def obs(n: int | None = None):
+        """The observation, or a [n, d]-per-leaf episode array of it."""
+        def leaf(v):
+            return np.asarray(v, np.float32) if n is None else np.tile(np.asarray(v, np.float32), (n, 1))
+
+        return {k: {g: leaf(v) for g, v in sub.items()} if isinstance(sub, dict) else leaf(sub)
+                for k, sub in NESTED_VALUES.items()}
+
+
+def make_nested_goal_dataset(dataset_id: str = "toy/nested-goals-v0", episodes: int = 8):
+    """Minari dataset of NestedGoalEnv (constant rewards 0.5), registered with an entry point this test module provides
+    (`test_diffusion_ql:...`: a script process finds it with tests/ on PYTHONPATH)."""
+    import minari
+
+    if NESTED_ENV_ID not in gym.registry:
+        gym.register(NESTED_ENV_ID, entry_point=f"{__name__}:NestedGoalEnv")
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (episodes, 1, 2)).astype(np.float32)
+    buffers = [EpisodeBuffer(id=i, observations=NestedGoalEnv.obs(2), actions=actions[i], rewards=np.array([0.5]),
+                             terminations=np.array([True]), truncations=np.array([False])) for i in range(episodes)]
+    spec = gym.spec(NESTED_ENV_ID)
+    return minari.create_dataset_from_buffers(dataset_id, buffers, env=spec, eval_env=spec, algorithm_name="uniform",
+                                              author="diffusion-rl tests", author_email="tests@localhost",
+                                              code_permalink="tests/test_diffusion_ql.py", ref_min_score=0.0,
+                                              ref_max_score=1.0, description="nested Dict observations")
+
+
+def test_nested_dict_observations_flatten_in_sorted_order_for_data_and_eval_env(minari_root):
+    assert __name__ == "test_diffusion_ql"  # the entry point the dataset stores
+    dataset = make_nested_goal_dataset()
+    assert list(NestedGoalEnv().observation_space.spaces) == ["observation", "desired_goal", "achieved_goal"]
+    assert isinstance(dataset.observation_space["achieved_goal"], gym.spaces.Dict)
+    assert [leaf.shape for leaf in dql.obs_leaves(dataset.observation_space)] == [(2,), (1,), (2,), (1,), (2,)]
+    dql.check_spaces(dataset, "toy/nested-goals-v0")
+    data = dql.dataset_tensors(dataset, "no", torch.device("cpu"))
+    np.testing.assert_array_equal(data["obs"].numpy(), np.tile(np.arange(1.0, 9.0), (8, 1)))
+    env = dql.make_env(dataset, seed=0)()
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.shape == (8,)
+    np.testing.assert_array_equal(obs, np.arange(1.0, 9.0))  # the same order although the env's space is unsorted
+    np.testing.assert_array_equal(env.step(np.zeros(2))[0], np.arange(1.0, 9.0))
+    # constant rewards: `normalize` would be the official 0/0 = NaN; they become 0 with a warning
+    tuned = dql.dataset_tensors(dataset, "normalize", torch.device("cpu"))
+    assert torch.equal(tuned["rewards"], torch.zeros(8))
+
+
+def test_end_to_end_on_nested_dict_observations_with_constant_rewards(minari_root, tmp_path):
+    make_nested_goal_dataset()
+    pythonpath = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**script_env(minari_root), "PYTHONPATH": pythonpath}  # the script process imports NestedGoalEnv from here
+    proc = run_script("diffusion_ql.py", "--dataset-id", "toy/nested-goals-v0", "--hidden-dim", "16", "--batch-size",
+                      "8", "--total-timesteps", "4", "--eval-frequency", "4", "--eval-episodes", "2",
+                      "--eval-candidates", "2", "--log-frequency", "2", "--reward-tune", "normalize", "--no-compile",
+                      "--save-model", cwd=tmp_path, env=env)
+    assert "obs 8, act 2" in proc.stdout and "are constant; --reward-tune normalize makes them all 0" in proc.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["final_eval_return"] == pytest.approx(0.5) and summary["last_normalized_score"] == pytest.approx(50)
+    assert all(math.isfinite(v) for _, v in tensorboard_scalars(run_dir)["losses/qf1_loss"])
+    # a checkpoint from before any evaluation, resumed with nothing left to do: it evaluates and writes the summary
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    torch.save({**ckpt, "eval": []}, run_dir / "checkpoint.pt")
+    (run_dir / "summary.json").unlink()
+    run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), cwd=tmp_path, env=env)
+    summary = read_summary(run_dir)
+    assert [e["step"] for e in summary["eval"]] == [4] and summary["sps"] is None and summary["global_step"] == 4
+
+
+def test_missing_dataset_is_downloaded_when_possible_else_one_line(minari_root, monkeypatch):
+    """The download branch without a network: huggingface_hub "importable", a fake minari.download_dataset."""
+    import importlib.util
+
+    import minari
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace()
+                        if name == "huggingface_hub" else real_find_spec(name, *a))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    downloads = []
+
+    def fake_download(dataset_id, *args, **kwargs):
+        downloads.append(dataset_id)
+        offline_data.make_bandit_dataset(dataset_id, episodes=5)
+
+    monkeypatch.setattr(minari, "download_dataset", fake_download)
+    assert dql.load_dataset("toy/fetched-v0").total_episodes == 5 and downloads == ["toy/fetched-v0"]
+    assert dql.load_dataset("toy/fetched-v0").total_episodes == 5 and len(downloads) == 1  # local now
+
+    def no_network(dataset_id, *args, **kwargs):
+        raise ConnectionError("Name or service not known\nmore detail")
+
+    monkeypatch.setattr(minari, "download_dataset", no_network)
+    with pytest.raises(SystemExit) as exc:
+        dql.load_dataset("toy/unreachable-v0")
+    message = str(exc.value.code)
+    assert "\n" not in message and "download failed (ConnectionError)" in message
+    assert "`minari download toy/unreachable-v0`" in message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: no download attempt at all
+    monkeypatch.setattr(minari, "download_dataset", lambda *a, **k: pytest.fail("downloaded while HF_HUB_OFFLINE=1"))
+    with pytest.raises(SystemExit, match="cannot be downloaded here"):
+        dql.load_dataset("toy/unreachable-v0")
+
+
 def test_end_to_end_on_a_small_hopper_dataset_with_resume(minari_root, tmp_path):
     offline_data.make_mujoco_dataset("test/hopper/random-v0", episodes=4, max_steps=30)
     common = ["--dataset-id", "test/hopper/random-v0", "--hidden-dim", "32", "--batch-size", "32", "--eval-frequency",
@@ -275,6 +479,36 @@ def test_end_to_end_on_a_small_hopper_dataset_with_resume(minari_root, tmp_path)
                 "eval/episodic_return_std", "eval/normalized_score"):
         assert tag in scalars, tag
     assert all(math.isfinite(v) for _, v in scalars["losses/actor_loss"])
+
+    # the same run in two halves: the resumed half must end bit-identical (RNG states, optimizers, counters)
+    halves = tmp_path / "halves"
+    halves.mkdir()
+    run_script("diffusion_ql.py", *common, "--total-timesteps", "10", cwd=halves, env=script_env(minari_root),
+               timeout=300)
+    (half_dir,) = run_dirs(halves)
+    proc = run_script("diffusion_ql.py", "--resume", str(half_dir / "checkpoint.pt"), "--total-timesteps", "20",
+                      cwd=halves, env=script_env(minari_root), timeout=300)
+    assert "resumed" in proc.stdout and run_dirs(halves) == [half_dir]
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (run_dir, half_dir))
+    assert a["global_step"] == b["global_step"] == 20
+    for name in ("actor", "ema_actor", "qf1", "qf2", "qf1_target", "qf2_target"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), (name, key)
+    assert a["actor_optimizer"]["state"][0]["exp_avg"].equal(b["actor_optimizer"]["state"][0]["exp_avg"])
+    assert [e["mean_return"] for e in a["eval"]] == [e["mean_return"] for e in b["eval"]]
+
+    # a resume with nothing left to do: no error, the summary (and its SPS) stays as it was
+    before = (run_dir / "summary.json").read_text()
+    proc = run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "15",
+                      cwd=tmp_path, env=script_env(minari_root), timeout=300)
+    assert "done: 20 gradient steps" in proc.stdout and (run_dir / "summary.json").read_text() == before
+    # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
+    for path, flags, needle in ((run_dir / "checkpoint.pt", ["--hidden-dim", "64"], "--hidden-dim"),
+                                (run_dir / "summary.json", ["--total-timesteps", "30"], "checkpoint")):
+        proc = run_script("diffusion_ql.py", "--resume", str(path), *flags, cwd=tmp_path, check=False,
+                          env=script_env(minari_root))
+        assert_one_line_error(proc, "--resume", needle)
+
     # flags given with --resume override the saved ones: this also runs the max-Q backup and reward-normalise paths
     run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "30",
                "--max-q-backup", "True", "--max-q-backup-samples", "3", "--reward-tune", "normalize", "--lr-decay",
@@ -354,7 +588,21 @@ def test_missing_dataset_is_a_one_line_error(minari_root, tmp_path):
     ({"num_envs": 2}, "--num-envs"),
     ({"eta": -1.0}, "--eta"),
     ({"time_dim": 3}, "--time-dim"),
+    ({"time_dim": 2}, "--time-dim"),  # the sinusoidal frequencies divide by time_dim / 2 - 1
     ({"resume": "no/such/checkpoint.pt"}, "--resume"),
+    ({"lr": -1.0}, "--lr"),
+    ({"critic_lr": 0.0}, "--critic-lr"),
+    ({"lr": float("nan")}, "--lr"),
+    ({"grad_norm": float("inf")}, "--grad-norm"),
+    ({"gamma": float("nan")}, "--gamma"),
+    ({"ema_decay": 1.0}, "--ema-decay"),
+    ({"ema_start": -1}, "--ema-start"),
+    ({"max_q_backup_samples": 0}, "--max-q-backup-samples"),
+    ({"eval_candidates": 0}, "--eval-candidates"),
+    ({"eval_episodes": 0}, "--eval-episodes"),
+    ({"total_timesteps": 0}, "--total-timesteps"),
+    ({"seed": -1}, "--seed"),
+    ({"seed": 2**32}, "--seed"),
 ])
 def test_check_args_rejects_bad_values_with_one_line(overrides, needle):
     with pytest.raises(SystemExit) as exc:
@@ -366,3 +614,73 @@ def test_check_args_rejects_bad_values_with_one_line(overrides, needle):
 def test_bad_flag_from_the_command_line_is_a_one_line_error(minari_root, tmp_path):
     proc = run_script("diffusion_ql.py", "--batch-size", "0", cwd=tmp_path, check=False, env=script_env(minari_root))
     assert_one_line_error(proc, "--batch-size")
+
+
+def one_line_exit(fn, *args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    message = str(exc.value.code)
+    assert message.startswith("diffusion_ql.py: error:") and "\n" not in message, message
+    return message
+
+
+def test_resume_rejects_non_checkpoints_and_shape_flags(tmp_path):
+    assert one_line_exit(dql.fail, "quoted (OSError: 'a\nb')") == "diffusion_ql.py: error: quoted (OSError: 'a b')"
+    (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
+    assert "cannot read" in one_line_exit(dql.load_checkpoint, str(tmp_path / "garbage.pt"))
+    for name, obj in (("dict.pt", {"weights": 1}), ("sdac.pt", {"global_step": 5, "args": {"env_id": "Ant-v5"}})):
+        torch.save(obj, tmp_path / name)
+        message = one_line_exit(dql.load_checkpoint, str(tmp_path / name))
+        assert "is not a checkpoint written by diffusion_ql.py" in message
+    saved = {"global_step": 5, "args": dql.asdict(dql.Args(hidden_dim=32))}
+    torch.save(saved, tmp_path / "ok.pt")
+    assert dql.load_checkpoint(str(tmp_path / "ok.pt"))["global_step"] == 5
+    dql.check_resume_args(dql.Args(hidden_dim=32, total_timesteps=9, eta=0.5), saved["args"])  # others may change
+    for changed in ({"hidden_dim": 64}, {"dataset_id": "mujoco/walker2d/medium-v0"}, {"time_dim": 8},
+                    {"diffusion_steps": 10}):
+        message = one_line_exit(dql.check_resume_args, dql.Args(**{"hidden_dim": 32, **changed}), saved["args"])
+        assert f"--{next(iter(changed)).replace('_', '-')}" in message and "differs from the checkpoint's" in message
+
+
+def test_triton_backend_needs_a_power_of_two_hidden_width():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "power of two" in one_line_exit(dql.resolve_backend, "triton", cpu, 48)
+    assert "power of two" in one_line_exit(dql.resolve_backend, "triton", cpu, 8)
+    assert dql.resolve_backend("auto", cuda, 48) == "torch" and dql.resolve_backend("torch", cuda, 256) == "torch"
+    assert dql.resolve_backend("triton", cpu, 32) == "triton"  # kernels/ imports here (the interpreter on CPU)
+
+
+@pytest.mark.filterwarnings("ignore:.*render_mode=.rgb_array. that is not in the possible render_modes")
+def test_capture_video_is_checked_at_start(minari_root, tmp_path, monkeypatch):
+    offline_data.make_bandit_dataset("toy/bandit-video-v0", episodes=5)
+    import minari
+
+    dataset = minari.load_dataset("toy/bandit-video-v0")
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:  # here: no moviepy, a one-line error before the run directory exists
+        assert "pip install moviepy" in one_line_exit(dql.check_video, dataset)
+        proc = run_script("diffusion_ql.py", "--dataset-id", "toy/bandit-video-v0", "--capture-video", cwd=tmp_path,
+                          check=False, env=script_env(minari_root))
+        assert_one_line_error(proc, "pip install moviepy")
+        assert not run_dirs(tmp_path)
+    monkeypatch.setitem(sys.modules, "moviepy", types.ModuleType("moviepy"))
+    # the bandit env has no rgb_array rendering: found now, not at the first evaluation
+    assert "--capture-video: MultimodalBandit-v0 cannot render" in one_line_exit(dql.check_video, dataset)
+
+
+def test_dataset_and_eval_env_shape_errors_are_one_line(minari_root):
+    dataset = offline_data.make_bandit_dataset("toy/bandit-bounds-v0", episodes=5)
+
+    class Degenerate:  # an action dimension with zero width would divide by zero in the [-1, 1] rescaling
+        observation_space = dataset.observation_space
+        action_space = gym.spaces.Box(np.array([-1, 0], np.float32), np.array([1, 0], np.float32))
+
+    assert "high <= low" in one_line_exit(dql.check_spaces, Degenerate(), "toy/degenerate-v0")
+
+    class ImageObs:
+        observation_space = gym.spaces.Dict({"image": gym.spaces.Box(0, 1, (4, 4)),
+                                             "state": gym.spaces.Box(0, 1, (2,))})
+        action_space = dataset.action_space
+
+    assert "needs flat Box spaces" in one_line_exit(dql.check_spaces, ImageObs(), "toy/image-v0")
