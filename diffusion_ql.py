@@ -710,10 +710,6 @@ if __name__ == "__main__":
     if ref_scores and not (np.all(np.isfinite(ref_scores)) and ref_scores[1] != ref_scores[0]):
         ref_scores = None  # equal or non-finite reference scores: no normalised score (it would be inf or NaN)
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
-    env_shapes = (eval_envs[0].observation_space.shape, eval_envs[0].action_space.shape)
-    if env_shapes != ((obs_dim,), (act_dim,)):
-        fail(f"the eval env of {args.dataset_id} has (flattened) observations and actions of shapes {env_shapes[0]} "
-             f"and {env_shapes[1]}, the dataset ({obs_dim},) and ({act_dim},)")
     print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
           f"(lr {args.lr}, eta {args.eta}, max_q_backup {args.max_q_backup}, reward {args.reward_tune}, "
           f"grad_norm {args.grad_norm}, {args.total_timesteps:,} steps); kernels {backend}, compile {compile_step}"

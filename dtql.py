@@ -136,11 +136,9 @@ class Args:
     eval_episodes: int | None = None
     """episodes per evaluation (None: 10 for locomotion, 100 for antmaze, pen and kitchen, as the official code)"""
     diffusion_steps: int = 0
-    """unused: DTQL's diffusion model has a continuous noise level and is never sampled (kept for the common flag set,
-    read by nothing here)"""
+    """unused: DTQL's diffusion model has a continuous noise level and is never sampled (kept for the common flag set)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
-    """unused: the reverse-chain backend of the other scripts; accepted for the common flag set, read by nothing here
-    (DTQL never runs a reverse chain; any value, no effect)"""
+    """unused: DTQL never runs a reverse chain, so any value has no effect (kept for the common flag set)"""
     log_frequency: int = 1_000
     """gradient steps between status lines and TensorBoard loss scalars"""
 
@@ -195,11 +193,6 @@ def fail(message: str) -> None:
     sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
-def first_line(e: Exception) -> str:
-    """The first line of an exception's message: what fail() quotes of it, so the error stays one line."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else ""
-
-
 def check_args(args: Args) -> None:
     for name, value in vars(args).items():  # nan/inf pass `<`-checks (lr, alpha, expectile, sigmas, ...)
         if isinstance(value, float) and not math.isfinite(value):
@@ -243,7 +236,7 @@ def load_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated file, not a pickle, ...
-        fail(f"--resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {first_line(e)})")
+        fail(f"--resume: cannot read {path!r} as a checkpoint ({type(e).__name__}: {e})")
     if not (isinstance(checkpoint, dict) and "global_step" in checkpoint
             and set(checkpoint.get("args", {"?": 0})) <= set(Args.__dataclass_fields__)):
         fail(f"--resume: {path!r} is not a checkpoint written by {SCRIPT} --save-model")
@@ -306,7 +299,7 @@ def load_dataset(dataset_id: str):
     except FileNotFoundError:
         pass
     except Exception as e:  # a malformed id or a broken local copy
-        fail(f"cannot load Minari dataset {dataset_id!r}: {type(e).__name__}: {first_line(e)}")
+        fail(f"cannot load Minari dataset {dataset_id!r}: {type(e).__name__}: {e}")
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     how = f"`minari download {dataset_id}` (needs `pip install \"minari[hf]\"` and the internet) or set MINARI_DATASETS_PATH"
     if importlib.util.find_spec("huggingface_hub") is None or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
@@ -370,7 +363,7 @@ def recover_eval_env(dataset, **kwargs) -> gym.Env:
     try:
         return dataset.recover_environment(eval_env=True, **kwargs)
     except Exception as e:  # unregistered/unimportable entry point, missing MuJoCo, ...
-        fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {first_line(e)}")
+        fail(f"cannot recover the eval env of {dataset.spec.dataset_id}: {type(e).__name__}: {e}")
 
 
 def make_env(dataset, seed: int, video_dir: str | None = None):
@@ -406,7 +399,7 @@ def check_video(dataset) -> None:
         env.render()
         env.close()
     except Exception as e:  # no OpenGL context, no pygame, ...
-        fail(f"--capture-video: {env_id} cannot render ({type(e).__name__}: {first_line(e)}); on a headless machine set "
+        fail(f"--capture-video: {env_id} cannot render ({type(e).__name__}: {e}); on a headless machine set "
              "MUJOCO_GL=egl (or osmesa)")
 
 
@@ -724,10 +717,6 @@ if __name__ == "__main__":
     if ref_scores and not (np.all(np.isfinite(ref_scores)) and ref_scores[1] != ref_scores[0]):
         ref_scores = None  # equal or non-finite reference scores: no normalised score (it would be inf or NaN)
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
-    env_shapes = (eval_envs[0].observation_space.shape, eval_envs[0].action_space.shape)
-    if env_shapes != ((obs_dim,), (act_dim,)):
-        fail(f"the eval env of {args.dataset_id} has (flattened) observations and actions of shapes {env_shapes[0]} "
-             f"and {env_shapes[1]}, the dataset ({obs_dim},) and ({act_dim},)")
     total_steps = args.pretrain_steps + args.total_timesteps
     print(f"{args.dataset_id}: {num_transitions:,} transitions, obs {obs_dim}, act {act_dim}; preset {task} "
           f"(lr {args.lr}, alpha {args.alpha}, nll_weight {args.nll_weight}, lr_decay {args.lr_decay}, batch "

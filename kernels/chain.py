@@ -37,8 +37,6 @@ import triton.language as tl
 
 from .reference import ORDERS, ddpm_coefficients
 
-# Coefficient table rows (coef tensor [6, T]).
-_SRA, _SRM1, _C1, _C2, _STD = range(5)
 
 
 @triton.jit
@@ -115,7 +113,7 @@ def _chain_fwd_kernel(
     w2_ptr, w2_s0, w2_s1, b2_ptr,  # [H, H], [H]
     w3_ptr, w3_s0, w3_s1, b3_ptr,  # [H, H], [H]
     w4_ptr, w4_s0, w4_s1, b4_ptr,  # [A, H], [A]
-    coef_ptr,  # [6, T] contiguous, ACC dtype
+    coef_ptr,  # [5, T] contiguous, ACC dtype: rows sqrt(1/ac), sqrt(1/ac - 1), c1, c2, post_std
     out_ptr, out_s0, out_s1,  # [N, A] result
     hs_ptr,  # [2, G*BM, H] DT scratch for the layer activations (G = number of programs)
     sp_ptr,  # [G*BM, H] ACC scratch for the state projection
@@ -328,7 +326,7 @@ _COEF_CACHE: dict = {}
 
 
 def _coef_table(betas: torch.Tensor, final_noise: bool, device, acc_dtype) -> torch.Tensor:
-    """[6, T] coefficient table. Cached per betas tensor: recomputing it is ~15 small PyTorch ops (~100 us of CPU
+    """[5, T] coefficient table. Cached per betas tensor: recomputing it is ~15 small PyTorch ops (~100 us of CPU
     launch overhead on a GPU), more than the fused kernel itself at small batch. The cache keeps a reference to the
     betas tensor (so its storage cannot be recycled under the same id) and its version counter (in-place edits)."""
     key = (id(betas), str(device), acc_dtype, bool(final_noise))
@@ -347,8 +345,7 @@ def _compute_coef_table(betas: torch.Tensor, final_noise: bool, device, acc_dtyp
     std = c["post_std"].clone()
     if not final_noise:
         std[0] = 0.0  # the kernel also masks the noise load at t = 0; this keeps 0 * anything out of the sum
-    return torch.stack([c["sqrt_recip_ac"], c["sqrt_recipm1_ac"], c["c1"], c["c2"], std,
-                        torch.zeros_like(std)]).to(acc_dtype).contiguous()
+    return torch.stack([c["sqrt_recip_ac"], c["sqrt_recipm1_ac"], c["c1"], c["c2"], std]).to(acc_dtype).contiguous()
 
 
 class _Problem:
@@ -451,7 +448,7 @@ class _ReverseChainFn(torch.autograd.Function):
         wsx, wsz, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef = ctx.saved_tensors
         p.tensors = (state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, None, None)
         wsd, wsd4, dsp, dx = _backward(p, gout.contiguous(), wsx, wsz)
-        acc, H, A, S = p.acc, p.H, p.A, p.S
+        acc, H, A = p.acc, p.H, p.A
         need = ctx.needs_input_grad  # (meta, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, ...)
         # Weight gradients: one GEMM per layer over the T*N rows (deterministic; cuBLAS on a GPU).
         d1, d2, d3 = (wsd[i].reshape(-1, H) for i in range(3))

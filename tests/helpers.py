@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,40 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert len(message.splitlines()) == 1, message
     for needle in needles:
         assert needle.lower() in message.lower(), message
+
+
+def one_line_exit(script: str, fn, *args) -> str:
+    """Calls fn(*args), which must stop through the script's fail(): returns its one-line "<script>: error: ..."."""
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    message = exc.value.code
+    assert isinstance(message, str) and message.startswith(f"{script}: error:") and "\n" not in message, message
+    return message
+
+
+def assert_resume_rejects_bad_input(script: str, run_dir: Path, cwd: Path, env: dict[str, str] | None = None,
+                                    extra: tuple = ()) -> None:
+    """--resume with a flag that fixes the saved shapes changed, or with a file that is not a checkpoint (the run's
+    summary.json), exits with one line naming the problem. `extra`: more (path, flags, needle) cases."""
+    cases = ((run_dir / "checkpoint.pt", ["--hidden-dim", "64"], "--hidden-dim 64 differs"),
+             (run_dir / "summary.json", [], "as a checkpoint"), *extra)
+    for path, flags, needle in cases:
+        proc = run_script(script, "--resume", str(path), *flags, cwd=cwd, check=False, env=env)
+        assert_one_line_error(proc, f"{script}: error: --resume", needle)
+
+
+def assert_capture_video_needs_moviepy(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+    """--capture-video without moviepy is a one-line error before the run directory exists. A stub module that
+    raises ImportError shadows moviepy, so this runs whether or not moviepy is installed."""
+    hide = cwd / "hide-moviepy"
+    hide.mkdir()
+    (hide / "moviepy.py").write_text("raise ImportError('hidden by the test')\n")
+    env = env or {}
+    paths = [str(hide), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))]
+    proc = run_script(script, *args, "--capture-video", cwd=cwd, check=False,
+                      env={**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)})
+    assert_one_line_error(proc, f"{script}: error", "pip install moviepy")
+    assert not run_dirs(cwd)
 
 
 def textbook_reverse_chain(eps_fn, schedule, x, noise):

@@ -16,10 +16,14 @@ import pytest
 import torch
 
 import dacer
-from helpers import REPO, assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+import helpers
+from helpers import (REPO, assert_capture_video_needs_moviepy, assert_one_line_error, assert_resume_rejects_bad_input,
+                     read_summary, run_dirs, run_script, tensorboard_scalars)
 
 # The machine is small and shared: one intra-op thread avoids oversubscription, which slows these tiny ops 10-100x.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+one_line_exit = functools.partial(helpers.one_line_exit, "dacer.py")  # fn, *args -> its one-line error
 
 
 @pytest.fixture(autouse=True)
@@ -274,11 +278,7 @@ def test_smoke_run_summary_tensorboard_and_resume(tmp_path):
     ends = torch.arange(len(obs) - 2) // 2 % 20 == 19
     assert torch.equal(~continues, ends) and ends.sum() == 4 and dones.sum() == 0  # steps 20 and 40, two envs
 
-    # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
-    for path, flags, needle in ((run_dir / "checkpoint.pt", ["--hidden-dim", "64"], "--hidden-dim 64 differs"),
-                                (run_dir / "summary.json", [], "as a checkpoint")):
-        proc = run_script("dacer.py", "--resume", str(path), *flags, cwd=tmp_path, check=False, env=ONE_THREAD)
-        assert_one_line_error(proc, "dacer.py: error: --resume", needle)
+    assert_resume_rejects_bad_input("dacer.py", run_dir, tmp_path, env=ONE_THREAD)
     proc = run_script("dacer.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "160",
                       cwd=tmp_path, env=ONE_THREAD)
     assert "resumed" in proc.stdout and "at step 120" in proc.stdout
@@ -342,9 +342,7 @@ def test_error_paths(tmp_path, flags, needles):
     ({"diffusion_steps": 1, "vp_beta_min": 80.0, "vp_beta_max": 99.0}, "rounds to 0 or 1"),  # beta_1 = 1: 1/0
 ])
 def test_bad_flag_values(overrides, needle):
-    with pytest.raises(SystemExit) as exc:  # sys.exit(message): Python prints it to stderr and exits with 1
-        dacer.check_args(dacer.Args(**overrides))
-    assert isinstance(exc.value.code, str) and str(exc.value).startswith("dacer.py: error: ") and needle in str(exc.value) and "\n" not in str(exc.value)
+    assert needle in one_line_exit(dacer.check_args, dacer.Args(**overrides))
 
 
 def test_default_and_extreme_valid_flags_pass():
@@ -369,11 +367,10 @@ class MatrixActionEnv(gym.Env):
 def test_env_with_matrix_actions_is_one_line():
     gym.register("DacerTestMatrixActions-v0", entry_point=MatrixActionEnv)
     try:
-        with pytest.raises(SystemExit) as exc:
-            dacer.check_env("DacerTestMatrixActions-v0")
+        message = one_line_exit(dacer.check_env, "DacerTestMatrixActions-v0")
     finally:
         gym.registry.pop("DacerTestMatrixActions-v0")
-    assert "actions of shape (2, 2)" in str(exc.value) and "1-D Box" in str(exc.value)
+    assert "actions of shape (2, 2)" in message and "1-D Box" in message
 
 
 def test_resume_shape_check_compares_resolved_presets():
@@ -384,27 +381,20 @@ def test_resume_shape_check_compares_resolved_presets():
     for overrides, needle in (({"hidden_dim": 512}, "--hidden-dim 512 differs from the checkpoint's 256"),
                               ({"diffusion_steps": 10}, "--diffusion-steps 10"), ({"buffer_size": 10}, "--buffer-size"),
                               ({"env_id": "Humanoid-v5"}, "--env-id Humanoid-v5")):
-        with pytest.raises(SystemExit) as exc:
-            dacer.check_resume_args(dacer.resolve_presets(dacer.Args(**{**saved, **overrides})), saved)
-        assert str(exc.value).startswith("dacer.py: error: --resume: ") and needle in str(exc.value), exc.value
+        message = one_line_exit(dacer.check_resume_args, dacer.resolve_presets(dacer.Args(**{**saved, **overrides})),
+                                saved)
+        assert message.startswith("dacer.py: error: --resume: ") and needle in message, message
 
 
 def test_resolve_backend_width_check():
     cpu = torch.device("cpu")
-    with pytest.raises(SystemExit) as exc:
-        dacer.resolve_backend("triton", cpu, 48)
-    assert "--kernels triton needs --hidden-dim a power of two >= 16, got 48" in str(exc.value)
+    assert ("--kernels triton needs --hidden-dim a power of two >= 16, got 48"
+            in one_line_exit(dacer.resolve_backend, "triton", cpu, 48))
     assert dacer.resolve_backend("auto", cpu, 48) == "torch" and dacer.resolve_backend("torch", cpu, 8) == "torch"
 
 
 def test_capture_video_without_moviepy_fails_at_start(tmp_path):
-    hide = tmp_path / "hide"  # a stub that shadows moviepy whether or not it is installed
-    hide.mkdir()
-    (hide / "moviepy.py").write_text("raise ImportError('hidden by the test')\n")
-    proc = run_script("dacer.py", "--env-id", "Pendulum-v1", "--capture-video", cwd=tmp_path, check=False,
-                      env={**ONE_THREAD, "PYTHONPATH": str(hide)}, timeout=120)
-    assert_one_line_error(proc, "dacer.py: error", "pip install moviepy")
-    assert not run_dirs(tmp_path)  # failed before creating the run directory
+    assert_capture_video_needs_moviepy("dacer.py", "--env-id", "Pendulum-v1", cwd=tmp_path, env=ONE_THREAD)
 
 
 def test_presets_follow_env_id():

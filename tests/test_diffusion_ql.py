@@ -3,6 +3,7 @@ evaluation action choice, the data pipeline (nested Dict observations, reward tr
 end-to-end run on a small Hopper-v5 Minari dataset (summary, TensorBoard, bit-exact resume), the Diffusion-QL paper's
 multimodal bandit, and the one-line errors. All datasets are built in tmp_path; nothing is downloaded."""
 
+import functools
 import math
 import os
 import sys
@@ -15,9 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import diffusion_ql as dql
+import helpers
 import offline_data
-from helpers import REPO, assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+from helpers import (REPO, assert_capture_video_needs_moviepy, assert_one_line_error, assert_resume_rejects_bad_input,
+                     read_summary, run_dirs, run_script, tensorboard_scalars)
 from minari.data_collector import EpisodeBuffer
+
+one_line_exit = functools.partial(helpers.one_line_exit, "diffusion_ql.py")  # fn, *args -> its one-line error
 
 # OpenMP threads that spin while the machine is oversubscribed make a step 10-30x slower; one thread is fast everywhere.
 THREADS = {"OMP_NUM_THREADS": "1"}
@@ -447,10 +452,8 @@ def test_missing_dataset_is_downloaded_when_possible_else_one_line(minari_root, 
         raise ConnectionError("Name or service not known\nmore detail")
 
     monkeypatch.setattr(minari, "download_dataset", no_network)
-    with pytest.raises(SystemExit) as exc:
-        dql.load_dataset("toy/unreachable-v0")
-    message = str(exc.value.code)
-    assert "\n" not in message and "download failed (ConnectionError)" in message
+    message = one_line_exit(dql.load_dataset, "toy/unreachable-v0")
+    assert "download failed (ConnectionError)" in message
     assert "`minari download toy/unreachable-v0`" in message
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: no download attempt at all
     monkeypatch.setattr(minari, "download_dataset", lambda *a, **k: pytest.fail("downloaded while HF_HUB_OFFLINE=1"))
@@ -502,12 +505,7 @@ def test_end_to_end_on_a_small_hopper_dataset_with_resume(minari_root, tmp_path)
     proc = run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "15",
                       cwd=tmp_path, env=script_env(minari_root), timeout=300)
     assert "done: 20 gradient steps" in proc.stdout and (run_dir / "summary.json").read_text() == before
-    # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
-    for path, flags, needle in ((run_dir / "checkpoint.pt", ["--hidden-dim", "64"], "--hidden-dim"),
-                                (run_dir / "summary.json", ["--total-timesteps", "30"], "checkpoint")):
-        proc = run_script("diffusion_ql.py", "--resume", str(path), *flags, cwd=tmp_path, check=False,
-                          env=script_env(minari_root))
-        assert_one_line_error(proc, "--resume", needle)
+    assert_resume_rejects_bad_input("diffusion_ql.py", run_dir, tmp_path, env=script_env(minari_root))
 
     # flags given with --resume override the saved ones: this also runs the max-Q backup and reward-normalise paths
     run_script("diffusion_ql.py", "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "30",
@@ -605,23 +603,12 @@ def test_missing_dataset_is_a_one_line_error(minari_root, tmp_path):
     ({"seed": 2**32}, "--seed"),
 ])
 def test_check_args_rejects_bad_values_with_one_line(overrides, needle):
-    with pytest.raises(SystemExit) as exc:
-        dql.check_args(dql.Args(**overrides))
-    message = str(exc.value.code)
-    assert message.startswith("diffusion_ql.py: error:") and needle in message and "\n" not in message
+    assert needle in one_line_exit(dql.check_args, dql.Args(**overrides))
 
 
 def test_bad_flag_from_the_command_line_is_a_one_line_error(minari_root, tmp_path):
     proc = run_script("diffusion_ql.py", "--batch-size", "0", cwd=tmp_path, check=False, env=script_env(minari_root))
     assert_one_line_error(proc, "--batch-size")
-
-
-def one_line_exit(fn, *args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        fn(*args)
-    message = str(exc.value.code)
-    assert message.startswith("diffusion_ql.py: error:") and "\n" not in message, message
-    return message
 
 
 def test_resume_rejects_non_checkpoints_and_shape_flags(tmp_path):
@@ -656,14 +643,10 @@ def test_capture_video_is_checked_at_start(minari_root, tmp_path, monkeypatch):
     import minari
 
     dataset = minari.load_dataset("toy/bandit-video-v0")
-    try:
-        import moviepy  # noqa: F401
-    except ImportError:  # here: no moviepy, a one-line error before the run directory exists
-        assert "pip install moviepy" in one_line_exit(dql.check_video, dataset)
-        proc = run_script("diffusion_ql.py", "--dataset-id", "toy/bandit-video-v0", "--capture-video", cwd=tmp_path,
-                          check=False, env=script_env(minari_root))
-        assert_one_line_error(proc, "pip install moviepy")
-        assert not run_dirs(tmp_path)
+    assert_capture_video_needs_moviepy("diffusion_ql.py", "--dataset-id", "toy/bandit-video-v0", cwd=tmp_path,
+                                       env=script_env(minari_root))
+    monkeypatch.setitem(sys.modules, "moviepy", None)  # import moviepy raises ImportError
+    assert "pip install moviepy" in one_line_exit(dql.check_video, dataset)
     monkeypatch.setitem(sys.modules, "moviepy", types.ModuleType("moviepy"))
     # the bandit env has no rgb_array rendering: found now, not at the first evaluation
     assert "--capture-video: MultimodalBandit-v0 cannot render" in one_line_exit(dql.check_video, dataset)

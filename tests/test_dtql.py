@@ -1,6 +1,7 @@
 """dtql.py: EDM pieces, the trust-region and IQL losses, the policy, presets, end-to-end runs with resume, the
 multimodal bandit and the error paths."""
 
+import functools
 import math
 import sys
 import types
@@ -12,16 +13,20 @@ import offline_data
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars
+from helpers import (assert_capture_video_needs_moviepy, assert_one_line_error, assert_resume_rejects_bad_input,
+                     read_summary, run_dirs, run_script, tensorboard_scalars)
 from minari.data_collector import EpisodeBuffer
 
 import dtql
+import helpers
 
 # Small nets and batches: the scripts' code paths, at a size a 2-core CPU runs in seconds. One intra-op thread: these
 # nets are too small to gain from more, and a busy machine makes oversubscribed threads many times slower.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TINY = ["--dataset-id", "test/hopper/random-v0", "--batch-size", "32", "--hidden-dim", "32", "--eval-episodes", "2",
         "--eval-candidates", "16", "--log-frequency", "5"]
+
+one_line_exit = functools.partial(helpers.one_line_exit, "dtql.py")  # fn, *args -> its one-line error
 
 
 def test_edm_preconditioning_values():
@@ -338,12 +343,8 @@ def test_smoke_run_logs_and_resumes_exactly(tmp_path, minari_root):
     assert [e["step"] for e in summary["eval"]] == [32] and summary["sps"] is None
     assert summary["train_ms_per_step"] is None and summary["final_eval_return"] is not None
 
-    # flags that fix the saved networks' shapes cannot change on resume; a file that is not a checkpoint is one line
-    for path, flags, needle in ((ckpt_path, ["--hidden-dim", "64"], "--hidden-dim"),
-                                (ckpt_path, ["--dataset-id", "test/hopper/other-v0"], "--dataset-id"),
-                                (half_dir / "summary.json", [], "cannot read")):
-        proc = run_script("dtql.py", "--resume", str(path), *flags, cwd=halves, check=False, env=ONE_THREAD)
-        assert_one_line_error(proc, "dtql.py: error: --resume", needle)
+    assert_resume_rejects_bad_input("dtql.py", half_dir, halves, env=ONE_THREAD,
+                                    extra=((ckpt_path, ["--dataset-id", "test/hopper/other-v0"], "--dataset-id"),))
 
 
 def test_bandit_one_step_policy_picks_the_best_mode(tmp_path, minari_root):
@@ -391,10 +392,7 @@ def test_bad_input_exits_with_one_line(tmp_path, minari_root, flags, needles):
     (dict(checkpoint_frequency=0), "--checkpoint-frequency"), (dict(hidden_dim=0), "--hidden-dim"),
 ])
 def test_check_args_rejects_bad_values(changes, needle):
-    with pytest.raises(SystemExit) as exc:
-        dtql.check_args(dtql.Args(**changes))
-    assert str(exc.value).startswith("dtql.py: error:") and needle in str(exc.value)
-    assert "\n" not in str(exc.value)
+    assert needle in one_line_exit(dtql.check_args, dtql.Args(**changes))
 
 
 def test_check_args_accepts_the_common_flags_dtql_does_not_use():
@@ -521,42 +519,26 @@ def test_nested_dict_observations_in_the_dataset_and_the_eval_env(minari_root):
     square = gym.spaces.Box(0, 1, (2, 2))
     bad = types.SimpleNamespace(observation_space=gym.spaces.Dict({"a": gym.spaces.Dict({"b": square})}),
                                 action_space=gym.spaces.Box(-1, 1, (2,)))
-    with pytest.raises(SystemExit) as exc:
-        dtql.check_spaces(bad, "toy/bad-v0")
-    assert str(exc.value).startswith("dtql.py: error: toy/bad-v0") and "\n" not in str(exc.value)
+    assert one_line_exit(dtql.check_spaces, bad, "toy/bad-v0").startswith("dtql.py: error: toy/bad-v0")
     # as is an empty Dict, and an action dimension that cannot be rescaled (high == low: a division by zero)
     flat_dim = gym.spaces.Box(np.zeros(2), np.array([1.0, 0.0]), dtype=np.float64)
     for obs_space, act_space, needle in ((gym.spaces.Dict({}), box(2), "observation space"),
                                          (box(2), flat_dim, "high <= low")):
-        with pytest.raises(SystemExit) as exc:
-            dtql.check_spaces(types.SimpleNamespace(observation_space=obs_space, action_space=act_space), "toy/bad-v0")
-        assert needle in str(exc.value) and "\n" not in str(exc.value)
+        bad = types.SimpleNamespace(observation_space=obs_space, action_space=act_space)
+        assert needle in one_line_exit(dtql.check_spaces, bad, "toy/bad-v0")
 
 
 def test_capture_video_checks_rendering_at_start(minari_root, monkeypatch):
     """check_video (run before the run directory exists): moviepy first, then one render of the eval env."""
     dataset = make_nested_dataset()
-    try:
-        import moviepy  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit) as exc:
-            dtql.check_video(dataset)
-        assert "pip install moviepy" in str(exc.value)
-        monkeypatch.setitem(sys.modules, "moviepy", types.ModuleType("moviepy"))
-    with pytest.raises(SystemExit) as exc:  # NestedGoalEnv.render raises a two-line error
-        dtql.check_video(dataset)
-    message = str(exc.value)
+    monkeypatch.setitem(sys.modules, "moviepy", None)  # import moviepy raises ImportError
+    assert "pip install moviepy" in one_line_exit(dtql.check_video, dataset)
+    monkeypatch.setitem(sys.modules, "moviepy", types.ModuleType("moviepy"))
+    message = one_line_exit(dtql.check_video, dataset)  # NestedGoalEnv.render raises a two-line error
     assert message.startswith("dtql.py: error: --capture-video") and "no display here" in message
-    assert "MUJOCO_GL=egl" in message and "\n" not in message
+    assert "MUJOCO_GL=egl" in message
 
 
 def test_capture_video_without_moviepy_fails_before_the_run_directory(tmp_path, minari_root):
-    try:
-        import moviepy  # noqa: F401
-        pytest.skip("moviepy is installed, so --capture-video does not fail here")
-    except ImportError:
-        pass
     offline_data.make_mujoco_dataset()
-    proc = run_script("dtql.py", *TINY, "--capture-video", "--no-compile", cwd=tmp_path, check=False, env=ONE_THREAD)
-    assert_one_line_error(proc, "dtql.py: error:", "pip install moviepy")
-    assert not run_dirs(tmp_path)
+    assert_capture_video_needs_moviepy("dtql.py", *TINY, "--no-compile", cwd=tmp_path, env=ONE_THREAD)

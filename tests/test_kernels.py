@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import kernels
-import kernels.chain as kchain
 from kernels.reference import (SCHEDULES, cosine_betas, ddpm_coefficients, linear_betas, make_layers, mlp_forward,
                                reverse_chain_reference, vp_betas)
 from helpers import REPO, read_summary, run_dirs, run_script

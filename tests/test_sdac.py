@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import (assert_one_line_error, read_summary, run_dirs, run_script, tensorboard_scalars,
+from helpers import (assert_capture_video_needs_moviepy, assert_one_line_error, assert_resume_rejects_bad_input,
+                     read_summary, run_dirs, run_script, tensorboard_scalars,
                      textbook_reverse_chain)
 
 import sdac
@@ -146,11 +147,7 @@ def test_smoke_run_crosses_episode_boundaries_and_resumes(tmp_path):
     run_script("sdac.py", "--resume", str(run_dir / "checkpoint.pt"), cwd=tmp_path)
     assert (run_dir / "summary.json").read_text() == before
 
-    # flags that fix the saved shapes cannot change on resume; a file that is not a checkpoint is one line too
-    for flags, needle in ((["--hidden-dim", "64"], "--hidden-dim"), (["--total-timesteps", "300"], "checkpoint")):
-        path = run_dir / "checkpoint.pt" if flags[0] == "--hidden-dim" else run_dir / "summary.json"
-        proc = run_script("sdac.py", "--resume", str(path), *flags, cwd=tmp_path, check=False)
-        assert_one_line_error(proc, "--resume", needle)
+    assert_resume_rejects_bad_input("sdac.py", run_dir, tmp_path)
 
 
 def test_terminations_cut_the_bootstrap_and_keep_the_final_obs(tmp_path):
@@ -183,14 +180,7 @@ def test_bad_input_exits_with_one_line(tmp_path, flags, needles):
 
 
 def test_capture_video_without_moviepy_fails_at_start(tmp_path):
-    try:
-        import moviepy  # noqa: F401
-        pytest.skip("moviepy is installed, so --capture-video does not fail here")
-    except ImportError:
-        pass
-    proc = run_script("sdac.py", *TINY, "--total-timesteps", "10", "--capture-video", cwd=tmp_path, check=False)
-    assert_one_line_error(proc, "pip install moviepy")
-    assert not run_dirs(tmp_path)  # failed before creating the run directory
+    assert_capture_video_needs_moviepy("sdac.py", *TINY, "--total-timesteps", "10", cwd=tmp_path)
 
 
 def test_learns_pendulum(tmp_path):
