@@ -302,10 +302,10 @@ class ReplayBuffer:
 
 
 def haiku_linear(in_dim: int, out_dim: int) -> nn.Linear:
-    """nn.Linear with haiku's default init, as in the official JAX code: truncated normal with std 1/sqrt(fan_in)
-    (haiku rescales its +-2 sigma truncated normal by 1/0.8796 so the std is exact) and zero bias."""
+    """nn.Linear with haiku's default init, as in the official JAX code: TruncatedNormal(stddev=1/sqrt(fan_in)), which
+    is stddev * truncated_normal(-2, 2) with no rescale (effective std 0.880/sqrt(fan_in)), and zero bias."""
     layer = nn.Linear(in_dim, out_dim)
-    std = 1.0 / math.sqrt(in_dim) / 0.87962566103423978
+    std = 1.0 / math.sqrt(in_dim)
     nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
     nn.init.zeros_(layer.bias)
     return layer
