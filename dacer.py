@@ -85,9 +85,15 @@ class Args:
     diffusion_steps: int = 20
     """number of denoising steps T"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
-    """reverse-chain backend: fused Triton kernels (kernels/), plain PyTorch, or auto (Triton on CUDA if importable)"""
+    """reverse-chain backend: fused Triton kernels (kernels/), plain PyTorch, or auto (Triton only where kernels/
+    records a measured GPU speed-up for this configuration, else PyTorch)"""
+    precision: Literal["ieee", "tf32", "bf16"] = "tf32"
+    """float32 matmuls on a GPU (no effect on a CPU): tf32, as JAX computes them on recent NVIDIA GPUs (the official
+    runs), ieee, or bf16 (tf32, and bf16 operands with fp32 accumulation for the reverse chain's dots)"""
     log_frequency: int = 5_000
     """env steps between status lines and TensorBoard loss scalars"""
+    status_interval: float = 30.0
+    """seconds of wall time between status lines (besides the one every `log_frequency` steps)"""
     max_episode_steps: int | None = None
     """override the env's time limit (None keeps the registered one)"""
 
@@ -142,12 +148,19 @@ def fail(message: str) -> None:
     sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds -> "h:mm:ss" for the status line's ETA ("?" while no rate is known)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return f"{int(seconds) // 3600}:{int(seconds) % 3600 // 60:02d}:{int(seconds) % 60:02d}"
+
+
 def check_args(args: Args) -> None:
     for name, value in vars(args).items():  # "nan" and "inf" parse as floats and pass every comparison below
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     positive = ["total_timesteps", "num_envs", "batch_size", "eval_frequency", "eval_episodes", "diffusion_steps",
-                "log_frequency", "checkpoint_frequency", "buffer_size", "policy_frequency", "alpha_frequency",
+                "log_frequency", "status_interval", "checkpoint_frequency", "buffer_size", "policy_frequency", "alpha_frequency",
                 "gmm_components", "em_iterations", "hidden_dim", "noise_scale", "q_lr", "policy_lr", "alpha_lr",
                 "init_noise_scale"]
     for name in positive:
@@ -568,8 +581,9 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
-    """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
+def resolve_backend(choice: str, device: torch.device, hidden_dim: int, precision: str = "tf32") -> str:
+    """`auto` -> Triton only on CUDA and only where kernels/ records a measured speed-up over this script's PyTorch
+    chain for this width and precision (`kernels.prefer_triton`), else PyTorch; `triton` without kernels/ is an error."""
     if choice == "torch":
         return "torch"
     if hidden_dim < 16 or hidden_dim & (hidden_dim - 1):  # the fused kernel tiles H in power-of-two chunks
@@ -584,7 +598,10 @@ def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
         if choice == "triton":
             fail(f"--kernels triton needs the kernels/ package next to {SCRIPT} and triton ({e}); use --kernels torch")
         return "torch"
-    return "triton" if choice == "triton" or device.type == "cuda" else "torch"
+    if choice == "triton":
+        return "triton"
+    prefer_triton = getattr(kernels, "prefer_triton", None)  # older kernels/ record no measurements
+    return "triton" if device.type == "cuda" and prefer_triton and prefer_triton(device, hidden_dim, precision) else "torch"
 
 
 if __name__ == "__main__":
@@ -619,7 +636,11 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    backend = resolve_backend(args.kernels, device, args.hidden_dim)
+    if device.type == "cuda":  # tf32 and bf16 let float32 matmuls use TF32 tensor cores (JAX's default on GPUs)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "ieee"
+    precision = args.precision if device.type == "cuda" else "ieee"  # a CPU computes float32 matmuls in IEEE fp32
+    backend = resolve_backend(args.kernels, device, args.hidden_dim, args.precision)
+    print(f"device {device} | reverse chain: {backend} backend, precision {precision}")
 
     # env setup: SAME_STEP autoreset, so the true final observation of an episode arrives in infos["final_obs"]
     envs = gym.vector.SyncVectorEnv(
@@ -676,7 +697,7 @@ if __name__ == "__main__":
         returns = [e["mean_return"] for e in eval_history]
         summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
-                   "global_step": global_step, "kernels": backend, "device": str(device)}
+                   "global_step": global_step, "kernels": backend, "precision": precision, "device": str(device)}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
 
@@ -783,19 +804,23 @@ if __name__ == "__main__":
                           qf2_std=qf2_a_std.detach().mean(), mean_q1_std=mean_q1_std, mean_q2_std=mean_q2_std,
                           entropy=entropy)
 
-        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals
-        if global_step // args.log_frequency > prev_step // args.log_frequency:
-            now = time.time()
-            writer.add_scalar("charts/SPS", int((global_step - start_step) / (now - start_time)), global_step)
-            sps, last_log = (global_step - last_log[0]) / (now - last_log[1]), (global_step, now)  # recent SPS
-            writer.add_scalar("losses/alpha", alpha.item(), global_step)
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals; a status line also
+        # every `status_interval` seconds, so that a slow run (Ant on a CPU: ~5 env steps/s) shows it is alive
+        log_now, now = global_step // args.log_frequency > prev_step // args.log_frequency, time.time()
+        if log_now or now - last_log[1] >= args.status_interval:
             values = {k: v.item() for k, v in losses.items()}
-            for k, v in values.items():
-                writer.add_scalar(f"losses/{k}", v, global_step)
-            if values:
-                writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            if log_now:  # TensorBoard scalars stay step-based
+                writer.add_scalar("charts/SPS", int((global_step - start_step) / (now - start_time)), global_step)
+                writer.add_scalar("losses/alpha", alpha.item(), global_step)
+                for k, v in values.items():
+                    writer.add_scalar(f"losses/{k}", v, global_step)
+                if values:
+                    writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            sps, last_log = (global_step - last_log[0]) / max(now - last_log[1], 1e-9), (global_step, now)  # recent
+            eta = format_duration((args.total_timesteps - global_step) / sps) if sps > 0 else "?"
             loss_text = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("qf1_loss", "actor_loss", "entropy"))
-            print(f"step {global_step:>10,} | SPS {sps:>7.1f} | return {last_return:10.2f} | alpha {alpha.item():.3f}"
+            print(f"step {global_step:>10,} | SPS {sps:>7.1f} | ETA {eta} | return {last_return:10.2f} | "
+                  f"alpha {alpha.item():.3f}"
                   + (f" | {loss_text}" if loss_text else " | warm-up"), flush=True)
         if global_step // args.eval_frequency > prev_step // args.eval_frequency or global_step >= args.total_timesteps:
             run_evaluation()

@@ -126,9 +126,15 @@ class Args:
     diffusion_steps: int = 5
     """number of denoising steps T (VP schedule)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
-    """reverse-chain backend: fused Triton kernels (kernels/), plain PyTorch, or auto (Triton on CUDA if importable)"""
+    """reverse-chain backend: fused Triton kernels (kernels/), plain PyTorch, or auto (Triton only where kernels/
+    records a measured GPU speed-up for this configuration, else PyTorch)"""
+    precision: Literal["ieee", "tf32", "bf16"] = "ieee"
+    """float32 matmuls on a GPU (no effect on a CPU): ieee, as PyTorch computes them (the official runs), tf32, or
+    bf16 (tf32, and bf16 operands with fp32 accumulation for the reverse chain's dots)"""
     log_frequency: int = 1_000
     """gradient steps between status lines and TensorBoard loss scalars"""
+    status_interval: float = 30.0
+    """seconds of wall time between status lines (besides the one every `log_frequency` steps)"""
 
     # Algorithm specific arguments
     preset: str = "auto"
@@ -179,11 +185,18 @@ def fail(message: str) -> None:
     sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds -> "h:mm:ss" for the status line's ETA ("?" while no rate is known)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return f"{int(seconds) // 3600}:{int(seconds) % 3600 // 60:02d}:{int(seconds) % 60:02d}"
+
+
 def check_args(args: Args) -> None:
     for name, value in vars(args).items():  # nan/inf pass `<`-checks (lr, eta, grad-norm, gamma, tau, ema-decay)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    positive = ["batch_size", "eval_frequency", "diffusion_steps", "log_frequency", "checkpoint_frequency",
+    positive = ["batch_size", "eval_frequency", "diffusion_steps", "log_frequency", "status_interval", "checkpoint_frequency",
                 "ema_frequency", "max_q_backup_samples", "eval_candidates", "hidden_dim", "critic_lr"]
     for name in positive + [n for n in ("total_timesteps", "eval_episodes", "lr") if getattr(args, n) is not None]:
         if getattr(args, name) <= 0:
@@ -645,8 +658,9 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
-    """`auto` -> Triton on CUDA when kernels/ imports, else PyTorch; `triton` without kernels/ is an error."""
+def resolve_backend(choice: str, device: torch.device, hidden_dim: int, precision: str = "ieee") -> str:
+    """`auto` -> Triton only on CUDA and only where kernels/ records a measured speed-up over this script's PyTorch
+    chain for this width and precision (`kernels.prefer_triton`), else PyTorch; `triton` without kernels/ is an error."""
     if choice == "torch":
         return "torch"
     if hidden_dim < 16 or hidden_dim & (hidden_dim - 1):  # the fused kernel tiles H in power-of-two chunks
@@ -661,7 +675,10 @@ def resolve_backend(choice: str, device: torch.device, hidden_dim: int) -> str:
         if choice == "triton":
             fail(f"--kernels triton needs the kernels/ package next to {SCRIPT} and triton ({e}); use --kernels torch")
         return "torch"
-    return "triton" if choice == "triton" or device.type == "cuda" else "torch"
+    if choice == "triton":
+        return "triton"
+    prefer_triton = getattr(kernels, "prefer_triton", None)  # older kernels/ record no measurements
+    return "triton" if device.type == "cuda" and prefer_triton and prefer_triton(device, hidden_dim, precision) else "torch"
 
 
 if __name__ == "__main__":
@@ -697,7 +714,11 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    backend = resolve_backend(args.kernels, device, args.hidden_dim)
+    if device.type == "cuda":  # tf32 and bf16 let float32 matmuls use TF32 tensor cores (JAX's default on GPUs)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "ieee"
+    precision = args.precision if device.type == "cuda" else "ieee"  # a CPU computes float32 matmuls in IEEE fp32
+    backend = resolve_backend(args.kernels, device, args.hidden_dim, args.precision)
+    print(f"device {device} | reverse chain: {backend} backend, precision {precision}")
     compile_step = args.compile and backend == "torch"
 
     # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
@@ -760,7 +781,8 @@ if __name__ == "__main__":
         scores = [e["normalized_score"] for e in eval_history if e.get("normalized_score") is not None]
         summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
-                   "global_step": global_step, "kernels": backend, "compile": compile_step, "device": str(device), "preset": task,
+                   "global_step": global_step, "kernels": backend, "precision": precision, "compile": compile_step,
+                   "device": str(device), "preset": task,
                    "best_normalized_score": max(scores) if scores else None,
                    "last_normalized_score": scores[-1] if scores else None,
                    "train_ms_per_step": 1000 * (time.time() - start_time - eval_seconds) / (global_step - start_step)
@@ -792,6 +814,7 @@ if __name__ == "__main__":
                 "wall_seconds": prior_wall + time.time() - start_time}
 
     start_time, start_step = time.time(), global_step
+    last_log = (global_step, start_time)  # (step, time) of the last status line
     prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
     losses, eval_seconds = {}, 0.0  # time spent in evaluation, left out of train_ms_per_step
 
@@ -834,19 +857,24 @@ if __name__ == "__main__":
             torch._foreach_lerp_(target_params, critic_params, args.tau)
         global_step += 1
 
-        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals
-        if global_step % args.log_frequency == 0:
-            sps = int((global_step - start_step) / (time.time() - start_time))
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals; a status line also
+        # every `status_interval` seconds, so that a slow run shows it is alive
+        log_now, now = global_step % args.log_frequency == 0, time.time()
+        if log_now or now - last_log[1] >= args.status_interval:
             losses.update(qf1_loss=qf1_loss, qf2_loss=qf2_loss, qf1_values=qf1_values, qf2_values=qf2_values,
                           actor_loss=actor_loss, bc_loss=behaviour_loss, ql_loss=ql_loss)
             values = {k: v.item() for k, v in losses.items()}
-            writer.add_scalar("charts/SPS", sps, global_step)
-            for k, v in values.items():
-                writer.add_scalar(f"losses/{k}", v, global_step)
-            writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            if log_now:  # TensorBoard scalars stay step-based
+                writer.add_scalar("charts/SPS", int((global_step - start_step) / (now - start_time)), global_step)
+                for k, v in values.items():
+                    writer.add_scalar(f"losses/{k}", v, global_step)
+                writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            sps, last_log = (global_step - last_log[0]) / max(now - last_log[1], 1e-9), (global_step, now)  # recent
+            eta = format_duration((args.total_timesteps - global_step) / sps) if sps > 0 else "?"
             last = eval_history[-1]["mean_return"] if eval_history else float("nan")
-            print(f"step {global_step:>10,} | SPS {sps:>5} | eval {last:10.2f} | qf1_loss {values['qf1_loss']:.4g} | "
-                  f"bc_loss {values['bc_loss']:.4g} | ql_loss {values['ql_loss']:.4g}", flush=True)
+            print(f"step {global_step:>10,} | SPS {sps:>7.1f} | ETA {eta} | eval {last:10.2f} | "
+                  f"qf1_loss {values['qf1_loss']:.4g} | bc_loss {values['bc_loss']:.4g} | ql_loss {values['ql_loss']:.4g}",
+                  flush=True)
         if global_step % args.eval_frequency == 0 or global_step >= args.total_timesteps:
             run_evaluation()
             write_summary(prior_wall + time.time() - start_time, (global_step - start_step) / (time.time() - start_time))

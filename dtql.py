@@ -139,8 +139,13 @@ class Args:
     """unused: DTQL's diffusion model has a continuous noise level and is never sampled (kept for the common flag set)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """unused: DTQL never runs a reverse chain, so any value has no effect (kept for the common flag set)"""
+    precision: Literal["ieee", "tf32", "bf16"] = "ieee"
+    """float32 matmuls on a GPU (no effect on a CPU): ieee, as PyTorch computes them (the official runs), or tf32;
+    bf16 means tf32 here (no reverse chain), accepted for the common flag set"""
     log_frequency: int = 1_000
     """gradient steps between status lines and TensorBoard loss scalars"""
+    status_interval: float = 30.0
+    """seconds of wall time between status lines (besides the one every `log_frequency` steps)"""
 
     # Algorithm specific arguments
     preset: str = "auto"
@@ -193,11 +198,19 @@ def fail(message: str) -> None:
     sys.exit(f"{SCRIPT}: error: {' '.join(message.split())}")
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds -> "h:mm:ss" for the status line's ETA ("?" while no rate is known)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return f"{int(seconds) // 3600}:{int(seconds) % 3600 // 60:02d}:{int(seconds) % 60:02d}"
+
+
 def check_args(args: Args) -> None:
     for name, value in vars(args).items():  # nan/inf pass `<`-checks (lr, alpha, expectile, sigmas, ...)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    positive = ["eval_frequency", "log_frequency", "checkpoint_frequency", "eval_candidates", "hidden_dim", "critic_lr"]
+    positive = ["eval_frequency", "log_frequency", "status_interval", "checkpoint_frequency", "eval_candidates",
+                "hidden_dim", "critic_lr"]
     optional = ("total_timesteps", "batch_size", "eval_episodes", "lr")  # None: the preset's value
     for name in positive + [n for n in optional if getattr(args, n) is not None]:
         if getattr(args, name) <= 0:
@@ -706,6 +719,10 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cuda":  # tf32 and bf16 let float32 matmuls use TF32 tensor cores (JAX's default on GPUs)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "ieee"
+    precision = args.precision if device.type == "cuda" else "ieee"  # a CPU computes float32 matmuls in IEEE fp32
+    print(f"device {device} | precision {precision} (no reverse chain)")
 
     # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
     data = dataset_tensors(dataset, args.reward_tune, device)
@@ -757,7 +774,7 @@ if __name__ == "__main__":
         summary = {"args": asdict(args), "eval": eval_history, "final_eval_return": returns[-1] if returns else None,
                    "best_eval_return": max(returns) if returns else None, "sps": sps, "wall_seconds": wall_seconds,
                    "global_step": global_step, "pretrain_steps": args.pretrain_steps,
-                   "kernels": "none (no reverse chain)", "compile": args.compile,
+                   "kernels": "none (no reverse chain)", "precision": precision, "compile": args.compile,
                    "device": str(device), "preset": task, "best_normalized_score": max(scores) if scores else None,
                    "last_normalized_score": scores[-1] if scores else None,
                    # wall ms per gradient step of this session without evaluation: all steps, and main-loop steps only
@@ -817,6 +834,7 @@ if __name__ == "__main__":
         losses["bc_loss"] = loss.detach()
 
     start_time, start_step = time.time(), global_step
+    last_log = (global_step, start_time)  # (step, time) of the last status line
     prior_wall = checkpoint["wall_seconds"] if checkpoint else 0.0
     losses, eval_seconds = {}, 0.0  # time spent in evaluation, left out of the ms-per-step figures
     main_start = None  # (global_step, time, eval_seconds) when this session's first main-loop step began
@@ -859,20 +877,25 @@ if __name__ == "__main__":
                           nll_loss=nll_loss.detach())
         global_step += 1
 
-        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals
-        if global_step % args.log_frequency == 0:
-            sps = int((global_step - start_step) / (time.time() - start_time))
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals; a status line also
+        # every `status_interval` seconds, so that a slow run shows it is alive
+        log_now, now = global_step % args.log_frequency == 0, time.time()
+        if log_now or now - last_log[1] >= args.status_interval:
             values = {k: v.item() for k, v in losses.items()}
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/alpha", args.alpha, global_step)
-            for k, v in values.items():
-                writer.add_scalar(f"losses/{k}", v, global_step)
-            writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            if log_now:  # TensorBoard scalars stay step-based
+                writer.add_scalar("charts/SPS", int((global_step - start_step) / (now - start_time)), global_step)
+                writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("losses/alpha", args.alpha, global_step)
+                for k, v in values.items():
+                    writer.add_scalar(f"losses/{k}", v, global_step)
+                writer.add_scalar("losses/qf_loss", (values["qf1_loss"] + values["qf2_loss"]) / 2, global_step)
+            sps, last_log = (global_step - last_log[0]) / max(now - last_log[1], 1e-9), (global_step, now)  # recent
+            eta = format_duration((total_steps - global_step) / sps) if sps > 0 else "?"
             last = eval_history[-1]["mean_return"] if eval_history else float("nan")
             text = f" | actor_loss {values['actor_loss']:.4g}" if "actor_loss" in values else ""
-            print(f"step {global_step:>10,} | {'pretrain' if pretraining else 'main':8} | SPS {sps:>5} | eval {last:10.2f} | "
-                  f"qf1_loss {values['qf1_loss']:.4g} | bc_loss {values['bc_loss']:.4g}{text}", flush=True)
+            print(f"step {global_step:>10,} | {'pretrain' if pretraining else 'main':8} | SPS {sps:>7.1f} | ETA {eta} | "
+                  f"eval {last:10.2f} | qf1_loss {values['qf1_loss']:.4g} | bc_loss {values['bc_loss']:.4g}{text}",
+                  flush=True)
         main_steps = global_step - args.pretrain_steps
         if main_steps > 0 and (main_steps % args.eval_frequency == 0 or global_step >= total_steps):
             run_evaluation()
