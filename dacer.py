@@ -1,29 +1,17 @@
-# Docs: README.md#dacer
-"""Diffusion Actor-Critic with Entropy Regulator (DACER), in one file.
+# Docs: docs/dacer.md
+"""Diffusion Actor-Critic with Entropy Regulator (DACER): online RL through the reverse chain, in one file.
 
 Paper: Wang, Guo, Zou, Duan, Li et al., "Diffusion Actor-Critic with Entropy Regulator" (NeurIPS 2024;
-arXiv 2405.15177). Official JAX code: happy-yan/DACER-Diffusion-with-Online-RL @ 848c1f2 (`relax/algorithm/dacer.py`,
-`relax/network/dacer.py`); its defaults are the defaults here. The policy is trained by backpropagating min(Q1, Q2)
-through the whole 20-step reverse chain; the distributional critics use the DSAC-T loss; the temperature alpha scales
-the exploration noise and is tuned every 10k updates from a Gaussian-mixture entropy estimate of the policy.
+arXiv 2405.15177). Official JAX code: happy-yan/DACER-Diffusion-with-Online-RL @ 848c1f2; its defaults are the defaults.
 
-Deviations from the official code (each deliberate; README.md#dacer explains them):
-1. Gymnasium 1.x MuJoCo v5 envs (the official code ran v3 through mujoco-py).
-2. The entropy estimate fits the 3-component full-covariance Gaussian mixtures with a batched EM in PyTorch on the
-   training device (greedy k-means++ seeding, 10 Lloyd steps, then a fixed 100 EM iterations, reg_covar 1e-6)
-   instead of 256 scikit-learn fits on the CPU (k-means init, up to 100 iterations, tol 1e-3); same entropy formula.
-   A state whose fit fails (non-finite entropy; scikit-learn would raise) is left out of the mean over states, and
-   the previous estimate is kept if all fail, so a NaN never reaches alpha.
-3. The presets the official code leaves to comments or flags are resolved from the env id: Humanoid gets 512-wide
-   nets and a 2e5 warm-up, everything else 256 and 3e4; the noise factor is 0.15 for Humanoid and HalfCheetah and
-   0.1 elsewhere. Each can be overridden by its flag.
-4. The policy gradient is computed only on the updates that apply it (every 2nd), giving the official gradients;
-   its backward skips the critics' weight gradients (as jax.grad w.r.t. the policy parameters does).
-5. The first layer of the denoiser is split so the state projection is computed once per reverse chain.
-6. Evaluation draws fresh DDPM noise (the official code hashes the observation into a PRNG key).
-Kept as in the official code: one policy (no target policy); the TD target has no entropy term and the actor loss no
-log-pi term; the 20 x 256 = 5,120 transitions collected per update (UTD 0.05); x_T ~ N(0, I). The warm-up is counted
-in `total_timesteps` here, so the default 30M steps include it (official: 30M after the warm-up).
+Deviations from the official code (docs/dacer.md gives the reasons):
+1. Gymnasium 1.x MuJoCo v5 envs (official: v3 through mujoco-py).
+2. The entropy estimate's Gaussian mixtures are fitted by a batched EM in PyTorch, not 256 scikit-learn fits.
+3. Presets the official code leaves to comments (width, warm-up, noise factor) are resolved from the env id.
+4. The policy gradient is computed only on the updates that apply it (same gradients).
+5. The denoiser's state projection is computed once per reverse chain (same outputs).
+6. Evaluation draws fresh DDPM noise (official: a PRNG key hashed from the observation).
+7. The warm-up is counted in `total_timesteps` (official: 30M steps after it).
 """
 
 import json

@@ -1,38 +1,19 @@
-# Docs: README.md#diffusion_ql
+# Docs: docs/diffusion_ql.md
 """Diffusion-QL: diffusion policies as an expressive policy class for offline RL, in one file, on Minari datasets.
 
 Paper: Wang, Hunt, Zhou, "Diffusion Policies as an Expressive Policy Class for Offline Reinforcement Learning"
-(ICLR 2023; arXiv 2208.06193). Official PyTorch code: Zhendong-Wang/Diffusion-Policies-for-Offline-RL @ d871f5c
-(`agents/ql_diffusion.py`, `agents/diffusion.py`, `main.py`); its per-task table is the `OFFICIAL_TASKS` below.
+(ICLR 2023; arXiv 2208.06193). Official PyTorch code: Zhendong-Wang/Diffusion-Policies-for-Offline-RL @ d871f5c; its
+per-task table is `OFFICIAL_TASKS` below.
 
-Deviations from the official code (each deliberate; README.md#diffusion_ql explains them):
-1. Data come from Minari (`minari.load_dataset`), not `d4rl.qlearning_dataset`: transitions obs[:-1] -> obs[1:] of
-   every episode, terminations cut the bootstrap and truncations do not (as D4RL's `terminals`/`timeouts`). Actions
-   are rescaled from the dataset's Box to [-1, 1] (the identity for every official task, whose max_action is 1).
-2. Evaluation runs the `eval_episodes` episodes in lock-step, one env each, reset with seeds seed+100+i (official: one
-   env seeded once with seed+100, episodes in sequence), and only scores the normalised score x100 when the dataset
-   carries `ref_min_score`/`ref_max_score`.
-3. Speed, same math: the state and time parts of the denoiser's first layer are computed once per reverse chain, the
-   DDPM coefficients are Python floats, the critic's weight gradients are not computed in the actor backward (the
-   official code computes and then discards them), the Q term's other head (its detached normaliser) runs under
-   no_grad, and the twin Q heads are two modules (official: one module).
-   With `--compile` (default) the critic and actor losses are torch.compile'd, forward and backward, with Mish as a
-   one-exp formula inside (equal to F.mish up to float rounding; eager F.mish if compilation fails), and Adam is
-   `fused=True` (official: foreach/for-loop Adam, same update up to rounding).
-4. The DDPM coefficients are computed in float64 and cast to float32 (official: float32 throughout; ~1e-7 relative).
-5. Dict observations of flat Boxes, nested Dicts included (Minari's antmaze: observation + goals; kitchen: its
-   achieved_goal/desired_goal are Dicts keyed by task), are concatenated in sorted key order at every level, in the
-   dataset and in the eval env alike; D4RL's flat observations had no goal entries.
-6. Datasets with no official twin get a family preset, chosen by the env part of the id (D4RL/door/human-v2 -> door):
-   the row of hopper-medium (locomotion: every env not named below), antmaze-medium-diverse (antmaze), pen-human (pen
-   and the other Adroit hand tasks door, hammer, relocate: the official code's one Adroit task stands for its suite)
-   or kitchen-partial (kitchen); the normalised score uses the dataset's own reference scores, never D4RL's.
-7. `--reward-tune normalize` on constant rewards (std 0) makes them all 0, with a warning (official: 0/0 = NaN).
-Official quirks kept: the EMA actor is a copy of the initial actor and only starts moving at step 1000, so the first
-1000 critic targets use the untrained policy; `--lr-decay` is the official cosine schedule stepped once per
-evaluation (every 50k steps) over T_max = epochs, which leaves the lr at ~0.999x of its start, i.e. no decay;
-`best_normalized_score` is the best eval during training (the paper's "online model selection"), reported next to
-the last one. Not kept: the offline model selection (`--ms offline`, early stopping, and its argsort indexing bug).
+Deviations from the official code (docs/diffusion_ql.md gives the reasons):
+1. Data come from Minari, not `d4rl.qlearning_dataset`; actions are rescaled from the dataset's Box to [-1, 1].
+2. Evaluation episodes run in lock-step, one env each, seeded seed+100+i (official: one env, in sequence).
+3. Speed with the same math: hoisted first layer, no discarded gradients, torch.compile (`--compile`), fused Adam.
+4. DDPM coefficients are computed in float64 and cast to float32 (official: float32; ~1e-7 relative).
+5. Dict observations (antmaze, kitchen) are flattened in sorted key order at every level.
+6. Datasets with no official twin get the preset of their family (locomotion, antmaze, Adroit, kitchen).
+7. `--reward-tune normalize` on constant rewards gives 0 with a warning (official: NaN).
+8. The default seed is 1, CleanRL's convention (official: 0).
 """
 
 import json

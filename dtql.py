@@ -1,52 +1,20 @@
-# Docs: README.md#dtql
-"""Diffusion Trusted Q-Learning (DTQL), offline, in one file, on Minari datasets.
+# Docs: docs/dtql.md
+"""Diffusion Trusted Q-Learning (DTQL): a one-step policy in a diffusion trust region, offline, in one file.
 
 Paper: Chen, Wang, Zhou, "Diffusion Policies creating a Trust Region for Offline Reinforcement Learning" (NeurIPS
-2024; arXiv 2405.19690). Official PyTorch code: TianyuCodings/Diffusion_Trusted_Q_Learning @ 9a29cea
-(`agents/dtql.py`, `agents/model.py`, `diffusion/karras.py`, `diffusion/mlps.py`, `main.py`); its per-task table is
-the `OFFICIAL_TASKS` below.
+2024; arXiv 2405.19690). Official PyTorch code: TianyuCodings/Diffusion_Trusted_Q_Learning @ 9a29cea; its per-task
+table is `OFFICIAL_TASKS` below. DTQL never samples its diffusion model: `--kernels` and `--diffusion-steps` are
+accepted for the common command line and have no effect.
 
-A diffusion model (EDM preconditioning, continuous noise level sigma) is trained by pure behaviour cloning. A one-step
-tanh-Gaussian policy is trained on alpha * (the same diffusion loss evaluated at the policy's own actions: the
-"diffusion trust region" loss) - min(Q1, Q2) + gamma * NLL(dataset actions), with an IQL critic (twin Q + V,
-expectile regression). The diffusion model is never sampled, so DTQL has no reverse chain: `--kernels` and
-`--diffusion-steps` are accepted so the five scripts share one command line, and have no effect here.
-
-Where the paper and the official code differ, this file follows the code: the value target is the online min(Q1, Q2)
-(paper: target Q), the Q target uses the online V, the target critic only ranks evaluation candidates, the
-trust-region weighting is EDM's 1/c_out^2 with the denoiser output clamped to +-1, evaluation resamples 1 of 1024
-policy samples by softmax(Q), and 50k steps of BC + critic pretraining precede the main loop.
-
-Deviations from the official code (each deliberate; README.md#dtql explains them):
-1. Data come from Minari (`minari.load_dataset`), not `d4rl.qlearning_dataset`: transitions obs[:-1] -> obs[1:] of
-   every episode, terminations cut the bootstrap and truncations do not. Actions are rescaled from the dataset's Box
-   to [-1, 1] (the identity for every official task, whose max_action is 1), so max_action = 1 here.
-2. Evaluation runs the `eval_episodes` episodes in lock-step, one env each, reset with seeds seed+100+i (official: one
-   env seeded once with seed+100, episodes in sequence), candidates of all running envs in one batch.
-3. Pretraining (BC diffusion + IQL critic, 50k steps) is part of the run, of `global_step` and of the checkpoint
-   (--resume), instead of being cached as diffusion_pretrained_50.pth / critic_pretrained_50.pth in the results
-   folder and silently reloaded by any later run with the same folder.
-4. The main loop runs exactly `total_timesteps` steps (official `while it < max + 1`: one extra step, whose cosine lr
-   has started rising again).
-5. Objects the official code builds but never reads are not built: the EMA copies of the BC model and of the one-step
-   policy, and the per-iteration `env.reset()` of the training env.
-6. Speed, same math: the IQL critic loss evaluates Q1, Q2 once and detaches their min for the value target (the
-   official code runs a second no-grad forward of the same nets on the same inputs), and the policy backward computes
-   gradients for the policy only (the official code also fills .grad of the BC model and the critic, which is zeroed
-   before those are stepped). With `--compile` (default) the critic, BC and policy losses are torch.compile'd,
-   forward and backward, with Mish as a one-exp formula inside (equal to F.mish up to float rounding; eager F.mish if
-   compilation fails).
-7. Dict observations of flat Boxes, nested Dicts included (Minari's antmaze: observation + goals; kitchen: its
-   achieved_goal/desired_goal are Dicts keyed by task), are concatenated in sorted key order at every level, in the
-   dataset and in the eval env alike; D4RL's flat observations had no goal entries.
-8. Datasets with no official twin get a family preset, chosen by the env part of the id (D4RL/door/human-v2 -> door):
-   the row of hopper-medium (locomotion: every env not named below), antmaze-medium-diverse (antmaze), pen-human (pen
-   and the other Adroit hand tasks door, hammer, relocate: the official code's one Adroit task stands for its suite)
-   or kitchen-partial (kitchen); the normalised score uses the dataset's own reference scores, never D4RL's.
-Official quirks kept: the trust-region loss samples its own sigma and noise; the critic's lr (hard-coded 3e-4) also
-follows the cosine decay; the target critic is not updated during pretraining and is used only to rank evaluation
-candidates; evaluation draws 1 of 1024 *stochastic* policy samples by softmax(min target Q) (`--eval-deterministic`
-gives the plain deterministic one-step action tanh(mu) instead).
+Deviations from the official code (docs/dtql.md gives the reasons):
+1. Data come from Minari, not `d4rl.qlearning_dataset`; actions are rescaled from the dataset's Box to [-1, 1].
+2. Evaluation episodes run in lock-step, one env each, seeded seed+100+i (official: one env, in sequence).
+3. Pretraining is part of the run and its checkpoint (official: cached files silently reloaded by later runs).
+4. The main loop runs exactly `total_timesteps` steps (official: one extra).
+5. Objects the official code builds but never reads (EMA copies, per-iteration env.reset) are not built.
+6. Speed with the same math: one critic forward for the value target, policy-only gradients, torch.compile.
+7. Dict observations (antmaze, kitchen) are flattened in sorted key order at every level.
+8. Datasets with no official twin get the preset of their family (locomotion, antmaze, Adroit, kitchen).
 """
 
 import json

@@ -1,24 +1,15 @@
-# Docs: README.md#qvpo
-"""Q-weighted Variational Policy Optimization (QVPO) for diffusion policies, in one file.
+# Docs: docs/qvpo.md
+"""Q-weighted Variational Policy Optimization (QVPO) for diffusion policies, online, in one file.
 
 Paper: Ding, Hu, Zhang, Ren, Zhang, Yu, Wang and Shi, "Diffusion-based Reinforcement Learning via Q-weighted
 Variational Policy Optimization" (NeurIPS 2024; arXiv 2405.16173). Official PyTorch code: wadx2019/qvpo @ 40a1974
-(`agent/qvpo.py`, run as `main.py --weighted --aug`); its defaults are the defaults here.
+(run as `main.py --weighted --aug`); its defaults are the defaults here.
 
-Deviations from the official code (each deliberate; README.md#qvpo explains them):
-1. Gymnasium 1.x MuJoCo v5 envs (the official code ran gym 0.21 `*-v3`).
-2. Time-limit truncations bootstrap: only `terminated` cuts the TD target. The official gym-0.21 loop sets
-   mask = 0 on every `done`, which includes the 1000-step TimeLimit, i.e. it treats truncation as terminal.
-3. The time embedding is computed once per chain for t = 0..T-1 ([T, E]) and the first denoiser layer is split so
-   the state projection is computed once per reverse chain, and the TD target reuses the target critics' min-Q of
-   the kept candidate (the max over the candidates) instead of scoring it again; all give the official outputs.
-4. `chosen` (keep the top-k of the 64 samples) is fixed at the official default 1; the DIPO-only action-gradient
-   mode (no --aug) and the `--epsilon` uniform-exploration branch (off by default) are not carried over.
-Kept as in the official code: the 10k random warm-up is counted in `total_timesteps`, rewards are raw, the critic and
-the actor draw different replay batches, the actor's samples are scored by the just-updated critic, and omega is
-the schedule at the steps taken before the current one (the official first update uses 0.02 instead of 0.0198),
-decayed over --entropy-decay-steps (default: the first start's total_timesteps, the official num_steps; saved, so a
-resume with a larger budget keeps it), and omega = 0 drops the uniform rows (the official `if entropy_alpha > 0`).
+Deviations from the official code (docs/qvpo.md gives the reasons):
+1. Gymnasium 1.x MuJoCo v5 envs (official: gym 0.21 v3).
+2. Time-limit truncations bootstrap; only `terminated` cuts the TD target (official: every `done` does).
+3. Time embedding and state projection computed once per chain; the TD target reuses the kept candidate's Q.
+4. `chosen` is fixed at the official default 1; the DIPO-only and `--epsilon` branches are not carried over.
 """
 
 import json

@@ -1,20 +1,15 @@
-# Docs: README.md#sdac
-"""Soft Diffusion Actor-Critic (SDAC) with reweighted score matching, in one file.
+# Docs: docs/sdac.md
+"""Soft Diffusion Actor-Critic (SDAC): online RL for diffusion policies by reweighted score matching, in one file.
 
 Paper: Ma, Chen, Chen, Dai et al., "Efficient Online Reinforcement Learning for Diffusion Policy" (ICML 2025;
-arXiv 2502.00361, whose v1 is titled "Soft Diffusion Actor-Critic"). Official JAX code:
-mahaitongdae/diffusion_policy_online_rl @ a50cf41 (`relax/algorithm/sdac.py`); its defaults are the defaults here.
+arXiv 2502.00361). Official JAX code: mahaitongdae/diffusion_policy_online_rl @ a50cf41; its defaults are the defaults.
 
-Deviations from the official code (each deliberate; README.md#sdac explains them):
-1. Gymnasium 1.x MuJoCo v5 envs (the official code ran v4).
-2. Exploration actions are clipped to [-1, 1] before `env.step` and stored clipped (`--no-clip-actions` restores
-   the official behaviour: unclipped actions, which v5's ctrl_cost penalises beyond the box).
-3. The policy's noise prediction is computed once per state and broadcast over the 64 reverse samples, and the
-   policy-loss samples are drawn only on steps that apply a policy update; both give the official gradients.
-4. The first layer of the denoiser is split so the state projection is computed once per reverse chain.
-Kept as in the official code: alpha is driven by a Gaussian-noise entropy proxy that does not depend on the policy,
-so it decays from 5 towards ~0.98 on a fixed schedule; it scales the exploration noise (0.1 alpha) and the softmax
-temperature of the score-matching weights. The 30k random warm-up is counted in `total_timesteps` here.
+Deviations from the official code (docs/sdac.md gives the reasons):
+1. Gymnasium 1.x MuJoCo v5 envs (official: v4).
+2. Exploration actions are clipped to [-1, 1] before env.step and stored clipped (`--no-clip-actions`: official).
+3. The policy's noise prediction is computed once per state, not once per reverse sample (same gradients).
+4. The denoiser's state projection is computed once per reverse chain (same outputs).
+5. The 30k random warm-up is counted in `total_timesteps` (official: 1M steps after it).
 """
 
 import json
