@@ -54,8 +54,8 @@ class Args:
     """path of a checkpoint.pt to continue from (flags given with it override the saved ones)"""
     checkpoint_frequency: int = 50_000
     """env steps between checkpoints (with --save-model)"""
-    env_id: str = "Ant-v5"
-    """the id of the environment (any gymnasium env with a continuous Box action space)"""
+    env_id: str = "HalfCheetah-v5"
+    """the id of the environment (any gymnasium env with a continuous Box action space; official default HalfCheetah)"""
     total_timesteps: int = 1_030_000
     """total env steps, warm-up included (official: 1M steps after a 30k warm-up)"""
     learning_starts: int = 30_000
