@@ -532,8 +532,12 @@ class Actor(nn.Module):
         """Gaussian log-density of atanh(a / (max_action + 1e-3)) summed over action dims, no tanh Jacobian (official)
         -> [B, 1]."""
         mu, log_std = self(state)
+        std = log_std.exp()
         z = torch.atanh(action / (self.max_action + 1e-3))
-        logp = -((z - mu) ** 2) / (2 * torch.exp(2 * log_std)) - log_std - 0.5 * math.log(2 * math.pi)
+        # torch's Normal(mu, std).log_prob op for op (var = std^2, log(std) of the exp'd std), as the official code:
+        # exp(2 log_std) and log_std itself differ from those in the last float bit, which Adam's normalised step
+        # turns into ~1e-5 relative parameter differences within a few updates (benchmarks/parity/dtql.py)
+        logp = -((z - mu) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
         return logp.sum(-1, keepdim=True)
 
 
@@ -749,8 +753,10 @@ def train_step(args: Args, agent: dict, data: dict[str, torch.Tensor], global_st
     agent["actor_optimizer"].zero_grad()
     actor_loss.backward()
     agent["actor_optimizer"].step()
-    with torch.no_grad():
-        torch._foreach_lerp_(list(agent["critic_target"].parameters()), list(critic.parameters()), args.tau)
+    with torch.no_grad():  # target = tau * online + (1 - tau) * target, rounded as the official code (a lerp is not)
+        target_params, online = list(agent["critic_target"].parameters()), list(critic.parameters())
+        torch._foreach_mul_(target_params, 1 - args.tau)
+        torch._foreach_add_(target_params, torch._foreach_mul(online, args.tau))
     losses.update(actor_loss=actor_loss.detach(), trust_region_loss=tr_loss.detach(), ql_loss=ql_loss.detach(),
                   nll_loss=nll_loss.detach())
     return losses
