@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import types
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -560,6 +561,7 @@ def compare_schedule(cmp: Comparison, dtql, opts, official_path: str | None) -> 
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.0)
         theirs = np.empty(total)
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before `optimizer.step()`")
         for m in range(total):
             theirs[m] = opt.param_groups[0]["lr"]
             sched.step()
