@@ -497,9 +497,14 @@ def adam_moments(side) -> dict[str, torch.Tensor]:
     return out
 
 
+PER_TENSOR = False  # --per-tensor: one row per parameter tensor instead of one per network
+
+
 def group(name: str) -> str:
     """Collapse per-parameter rows into one per network and kind: grad.critic.q1.0.weight -> grad: critic.q1."""
     kind, rest = name.split(".", 1)
+    if PER_TENSOR:
+        return f"{kind}: {rest}"
     parts = rest.split(".")
     net = ".".join(parts[:2]) if parts[0] in ("critic", "critic_target") else parts[0]
     return f"{kind}: {net}"
@@ -734,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-draws", type=int, default=20)
     p.add_argument("--schedule-steps", type=int, default=None, help="default: the row's epochs x 1000")
     p.add_argument("--compile", action="store_true", help="the script's torch.compile'd losses (its default)")
+    p.add_argument("--per-tensor", action="store_true", help="one table row per parameter tensor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed", action="store_true", help="ms per update instead of the parity tables")
     p.add_argument("--rounds", type=int, default=7)
@@ -743,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         opts.lr_decay = None  # the row's value
     if opts.perturb != "none" and not opts.self_test:
         p.error("--perturb needs --self-test")
+    global PER_TENSOR
+    PER_TENSOR = opts.per_tensor
     dtql = load_script("dtql")
     if opts.task not in dtql.OFFICIAL_TASKS:
         p.error(f"unknown --task {opts.task!r}")
