@@ -11,9 +11,10 @@ one synthetic dataset, with identical random draws. The draws are injected by re
 make (torch.randint / rand / randn / randn_like, the Normal's `_standard_normal`, torch.multinomial) with scripted
 queues: each entry is used exactly once, by the call each side makes for it, with its shape checked. The cosine lr
 decay is on (`--lr-decay`, the row's own value with `--no-lr-decay`) with T_max = `--updates`, so the lr moves at
-every update; the official step counter starts at `--start-step` (998) so that its EMA copies (step >= 1000, every
-5 steps) are updated inside the compared updates. Those EMA copies are never read by the official code (the script
-does not build them): the harness fills them with NaN, and every compared quantity stays finite and equal.
+every update; the official step counter starts at `--start-step` (998) so that its EMA copy (step >= 1000, every
+5 steps) is updated inside the compared updates (at 1000 and 1005). The official EMA copies (the policy's, updated,
+and the BC model's, never updated) are never read by the official code and the script does not build them: the
+harness fills them with NaN, and every compared quantity stays finite and equal.
 
 Compared at every update: each loss term, the noise levels, the policy's actions, every gradient at each optimizer
 step (DTQL clips no gradient: the harness checks that neither side calls clip_grad_norm_, so "before" and "after
@@ -539,8 +540,11 @@ def compare_updates(cmp: Comparison, ours: Ours, official, opts) -> None:
             else:
                 cmp.add(f"{group('param_after_update.' + name)} ({phase})", pa[name], pb[name])
         ma, mb = adam_moments(ours), adam_moments(official)
+        if set(ma) != set(mb):
+            raise AssertionError(f"{phase} update {i}: Adam state on one side only: {sorted(set(ma) ^ set(mb))}")
         for name in ma:
-            cmp.add(f"Adam {name.rsplit('.', 1)[1]}: {group('x.' + name).split(': ')[1]} ({phase})", ma[name], mb[name])
+            param, moment = name.rsplit(".", 1)
+            cmp.add(f"Adam {moment}: {group('x.' + param).split(': ')[1]} ({phase})", ma[name], mb[name])
 
 
 def compare_eval(cmp: Comparison, ours: Ours, official, opts) -> None:
@@ -745,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="antmaze-large-diverse-v0", help="official task row (default: the official default)")
     p.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=True,
                    help="cosine lr decay on (default, so the schedule is exercised) or the row's own value (--no-lr-decay)")
-    p.add_argument("--updates", type=int, default=6, help="main-loop updates (also the cosine T_max)")
+    p.add_argument("--updates", type=int, default=8,
+                   help="main-loop updates (also the cosine T_max); 8 from --start-step 998: EMA updates at 1000 and 1005")
     p.add_argument("--pretrain-updates", type=int, default=2)
     p.add_argument("--start-step", type=int, default=998, help="official step counter at the first main update")
     p.add_argument("--batch-size", type=int, default=None, help="default: the row's")
