@@ -513,8 +513,12 @@ class Actor(nn.Module):
         """Gaussian log-density of atanh(a / (max_action + 1e-3)) summed over action dims, no tanh Jacobian (official)
         -> [B, 1]."""
         mu, log_std = self(state)
+        std = log_std.exp()
         z = torch.atanh(action / (self.max_action + 1e-3))
-        logp = -((z - mu) ** 2) / (2 * torch.exp(2 * log_std)) - log_std - 0.5 * math.log(2 * math.pi)
+        # torch's Normal(mu, std).log_prob op for op (var = std^2, log(std) of the exp'd std), as the official code:
+        # exp(2 log_std) and log_std itself differ from those in the last float bit, which Adam's normalised step
+        # turns into ~1e-5 relative parameter differences within a few updates (benchmarks/parity/dtql.py)
+        logp = -((z - mu) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
         return logp.sum(-1, keepdim=True)
 
 
@@ -654,6 +658,91 @@ def cosine_factor(main_step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * main_step / total))
 
 
+def build_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> dict:
+    """The networks and their Adam optimizers (max_action = 1: actions live in [-1, 1], see dataset_tensors /
+    make_env): bc_model, actor, critic, critic_target (a frozen copy of the critic), bc_optimizer, actor_optimizer,
+    critic_optimizer. Built in this order, so a seed gives the same weights as before this function existed."""
+    bc_model = ScoreNetwork(obs_dim, act_dim, args.hidden_dim, args.time_dim).to(device)
+    actor = Actor(obs_dim, act_dim, 1.0, args.hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic_target = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    return {"bc_model": bc_model, "actor": actor, "critic": critic, "critic_target": critic_target,
+            "bc_optimizer": torch.optim.Adam(bc_model.parameters(), lr=args.lr),
+            "actor_optimizer": torch.optim.Adam(actor.parameters(), lr=args.lr),
+            "critic_optimizer": torch.optim.Adam(critic.parameters(), lr=args.critic_lr)}
+
+
+def train_step(args: Args, agent: dict, data: dict[str, torch.Tensor], global_step: int,
+               loss_fns: tuple = (critic_loss, edm_loss, policy_loss)) -> dict[str, torch.Tensor]:
+    """One gradient step at `global_step` (pretraining first, then the main loop); returns its detached losses.
+
+    Pretraining (official `pretrain`): BC diffusion, then critic; no lr schedule, no target update. Main loop
+    (official `train`): critic, BC diffusion, one-step policy, target critic, with the cosine lr (where on) set before
+    the step. Random draws, in order: batch indices; pretraining: BC sigma and noise; main: BC sigma and noise, policy
+    noise eps, trust-region sigma and noise (the official order). `loss_fns` = (critic, EDM, policy) losses, eager or
+    torch.compile'd."""
+    compute_critic_loss, compute_edm_loss, compute_policy_loss = loss_fns
+    bc_model, actor, critic = agent["bc_model"], agent["actor"], agent["critic"]
+    pretraining = global_step < args.pretrain_steps
+    if not pretraining and args.lr_decay:
+        factor = cosine_factor(global_step - args.pretrain_steps, args.total_timesteps)
+        for name, base in (("bc_optimizer", args.lr), ("actor_optimizer", args.lr), ("critic_optimizer", args.critic_lr)):
+            agent[name].param_groups[0]["lr"] = base * factor
+    device = data["obs"].device
+    idx = torch.randint(0, data["obs"].shape[0], (args.batch_size,), device=device)  # uniform, with replacement
+    s, s_next, a = data["obs"][idx], data["next_obs"][idx], data["actions"][idx]  # [B, S], [B, S], [B, A]
+    r, not_done = data["rewards"][idx], data["not_dones"][idx]  # [B, 1] each
+    losses = {}
+
+    def critic_update() -> None:
+        loss, v_loss, q1_loss, q2_loss, q1, q2 = compute_critic_loss(critic, s, a, r, s_next, not_done, args.gamma,
+                                                                     args.expectile)
+        agent["critic_optimizer"].zero_grad()
+        loss.backward()
+        agent["critic_optimizer"].step()
+        losses.update(value_loss=v_loss.detach(), qf1_loss=q1_loss.detach(), qf2_loss=q2_loss.detach(),
+                      qf1_values=q1.detach().mean(), qf2_values=q2.detach().mean())
+
+    def bc_update() -> None:
+        sigma = sample_sigma(s.shape[0], args.sigma_data, args.sigma_min, args.sigma_max, device)
+        loss = compute_edm_loss(bc_model, a, s, sigma, torch.randn_like(a), args.sigma_data, 1.0)
+        agent["bc_optimizer"].zero_grad()
+        loss.backward()
+        agent["bc_optimizer"].step()
+        losses["bc_loss"] = loss.detach()
+
+    if pretraining:
+        bc_update()
+        critic_update()
+        return losses
+    critic_update()
+    bc_update()
+    eps = torch.randn(args.batch_size, a.shape[1], device=device)  # the policy's reparameterisation noise
+    sigma = sample_sigma(args.batch_size, args.sigma_data, args.sigma_min, args.sigma_max, device)
+    noise = torch.randn(args.batch_size, a.shape[1], device=device)
+    frozen = [*bc_model.parameters(), *critic.parameters()]
+    for p in frozen:  # BC model and critic weight gradients: not computed (official: computed, then discarded)
+        p.requires_grad_(False)
+    try:
+        actor_loss, tr_loss, ql_loss, nll_loss = compute_policy_loss(actor, bc_model, critic, s, a, eps, sigma, noise,
+                                                                     args.alpha, args.nll_weight, args.sigma_data)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    agent["actor_optimizer"].zero_grad()
+    actor_loss.backward()
+    agent["actor_optimizer"].step()
+    with torch.no_grad():  # target = tau * online + (1 - tau) * target, rounded as the official code (a lerp is not)
+        target_params, online = list(agent["critic_target"].parameters()), list(critic.parameters())
+        torch._foreach_mul_(target_params, 1 - args.tau)
+        torch._foreach_add_(target_params, torch._foreach_mul(online, args.tau))
+    losses.update(actor_loss=actor_loss.detach(), trust_region_loss=tr_loss.detach(), ql_loss=ql_loss.detach(),
+                  nll_loss=nll_loss.detach())
+    return losses
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -710,22 +799,11 @@ if __name__ == "__main__":
           + (" (the first steps compile: ~1 min on a CPU the first time, seconds once cached)" if args.compile else ""),
           flush=True)
 
-    # ALGO LOGIC: initialize agent here (max_action = 1: actions live in [-1, 1], see dataset_tensors / make_env)
-    bc_model = ScoreNetwork(obs_dim, act_dim, args.hidden_dim, args.time_dim).to(device)
-    actor = Actor(obs_dim, act_dim, 1.0, args.hidden_dim).to(device)
-    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
-    critic_target = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
-    bc_optimizer = torch.optim.Adam(bc_model.parameters(), lr=args.lr)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    critic_params, target_params = list(critic.parameters()), list(critic_target.parameters())
-    frozen_params = [*bc_model.parameters(), *critic_params]  # frozen during the policy loss
-    optimizers = ((bc_optimizer, args.lr), (actor_optimizer, args.lr), (critic_optimizer, args.critic_lr))
-
-    stateful = {"bc_model": bc_model, "actor": actor, "critic": critic, "critic_target": critic_target,
-                "bc_optimizer": bc_optimizer, "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
+    # ALGO LOGIC: initialize agent here
+    stateful = build_agent(args, obs_dim, act_dim, device)  # networks and optimizers
+    actor, critic_target, actor_optimizer = stateful["actor"], stateful["critic_target"], stateful["actor_optimizer"]
+    optimizers = ((stateful["bc_optimizer"], args.lr), (actor_optimizer, args.lr),
+                  (stateful["critic_optimizer"], args.critic_lr))
     global_step, eval_history = 0, []
     if checkpoint:
         for name, module in stateful.items():
@@ -779,27 +857,9 @@ if __name__ == "__main__":
                 "run_name": run_name, "global_step": global_step, "eval": eval_history, "rng": rng_states(),
                 "wall_seconds": prior_wall + time.time() - start_time}
 
-    compute_critic_loss, compute_edm_loss, compute_policy_loss = critic_loss, edm_loss, policy_loss
+    loss_fns = (critic_loss, edm_loss, policy_loss)
     if args.compile:  # one fused forward+backward per loss
-        compute_critic_loss, compute_edm_loss, compute_policy_loss = (compile_or_eager(f) for f in
-                                                                       (critic_loss, edm_loss, policy_loss))
-
-    def critic_update(s, a, r, s_next, not_dones) -> None:
-        loss, v_loss, q1_loss, q2_loss, q1, q2 = compute_critic_loss(critic, s, a, r, s_next, not_dones, args.gamma,
-                                                                     args.expectile)
-        critic_optimizer.zero_grad()
-        loss.backward()
-        critic_optimizer.step()
-        losses.update(value_loss=v_loss.detach(), qf1_loss=q1_loss.detach(), qf2_loss=q2_loss.detach(),
-                      qf1_values=q1.detach().mean(), qf2_values=q2.detach().mean())
-
-    def bc_update(s, a) -> None:
-        sigma = sample_sigma(s.shape[0], args.sigma_data, args.sigma_min, args.sigma_max, device)
-        loss = compute_edm_loss(bc_model, a, s, sigma, torch.randn_like(a), args.sigma_data, 1.0)
-        bc_optimizer.zero_grad()
-        loss.backward()
-        bc_optimizer.step()
-        losses["bc_loss"] = loss.detach()
+        loss_fns = tuple(compile_or_eager(f) for f in loss_fns)
 
     start_time, start_step = time.time(), global_step
     last_log = (global_step, start_time)  # (step, time) of the last status line
@@ -808,41 +868,11 @@ if __name__ == "__main__":
     main_start = None  # (global_step, time, eval_seconds) when this session's first main-loop step began
 
     while global_step < total_steps:
-        # ALGO LOGIC: training. Pretraining (official `pretrain`): BC diffusion, then critic, no lr schedule, no target
-        # update. Main loop (official `train`): critic, BC diffusion, one-step policy, target critic, cosine lr.
+        # ALGO LOGIC: training (train_step: pretraining, then the main loop)
         pretraining = global_step < args.pretrain_steps
         if not pretraining and main_start is None:
             main_start = (global_step, time.time(), eval_seconds)
-        if not pretraining and args.lr_decay:
-            for opt, base in optimizers:
-                opt.param_groups[0]["lr"] = base * cosine_factor(global_step - args.pretrain_steps, args.total_timesteps)
-        idx = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # uniform, with replacement
-        b_obs, b_next_obs, b_actions = data["obs"][idx], data["next_obs"][idx], data["actions"][idx]
-        b_rewards, b_not_dones = data["rewards"][idx], data["not_dones"][idx]
-
-        if pretraining:
-            bc_update(b_obs, b_actions)
-            critic_update(b_obs, b_actions, b_rewards, b_next_obs, b_not_dones)
-        else:
-            critic_update(b_obs, b_actions, b_rewards, b_next_obs, b_not_dones)
-            bc_update(b_obs, b_actions)
-            eps = torch.randn(args.batch_size, act_dim, device=device)  # the policy's reparameterisation noise
-            sigma = sample_sigma(args.batch_size, args.sigma_data, args.sigma_min, args.sigma_max, device)
-            noise = torch.randn(args.batch_size, act_dim, device=device)
-            for p in frozen_params:  # BC model and critic weight gradients: not computed (official: computed, discarded)
-                p.requires_grad_(False)
-            actor_loss, tr_loss, ql_loss, nll_loss = compute_policy_loss(actor, bc_model, critic, b_obs, b_actions, eps,
-                                                                         sigma, noise, args.alpha, args.nll_weight,
-                                                                         args.sigma_data)
-            for p in frozen_params:
-                p.requires_grad_(True)
-            actor_optimizer.zero_grad()
-            actor_loss.backward()
-            actor_optimizer.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(target_params, critic_params, args.tau)
-            losses.update(actor_loss=actor_loss.detach(), trust_region_loss=tr_loss.detach(), ql_loss=ql_loss.detach(),
-                          nll_loss=nll_loss.detach())
+        losses.update(train_step(args, stateful, data, global_step, loss_fns))
         global_step += 1
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals; a status line also
