@@ -28,6 +28,7 @@ import contextlib
 import copy
 import os
 import sys
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -612,6 +613,9 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     opts = p.parse_args(argv)
+    # the official sample_action's F.softmax without dim, and the schedulers stepped without an optimizer step here
+    warnings.filterwarnings("ignore", message="Implicit dimension choice for softmax")
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
     opts.ema_steps, opts.init_ok = [], True
     path = None if opts.self_test else require_official(opts.official, URL, COMMIT)
     if opts.perturb != "none" and not opts.self_test:
