@@ -180,8 +180,8 @@ class Ours:
         self.nets, self.q_optimizer, self.actor_optimizer, self.schedule = dql.build_agent(
             args, obs_dim, act_dim, torch.device("cpu"))
         self.critic_fn, self.actor_fn = dql.critic_losses, dql.actor_losses
-        if compile_losses:
-            self.critic_fn, self.actor_fn = torch.compile(dql.critic_losses), torch.compile(dql.actor_losses)
+        if compile_losses:  # as the script's --compile (its default)
+            self.critic_fn, self.actor_fn = dql.compile_or_eager(dql.critic_losses), dql.compile_or_eager(dql.actor_losses)
 
     def named_params(self) -> dict[str, torch.Tensor]:
         return {f"{net}.{n}": p for net, module in self.nets.items() for n, p in module.named_parameters()}
@@ -389,7 +389,8 @@ def build(opts, dql, official_path: str | None):
                                        eval_frequency=1, batch_size=opts.batch_size))[0]
     data = synthetic_data(opts.seed, opts.transitions, obs_dim, act_dim, opts.action_overshoot)
     torch.manual_seed(opts.seed)
-    ours = Ours(dql, args, obs_dim, act_dim, our_data(dql, data, opts.clip_actions), opts.start_step, opts.compile)
+    ours = Ours(dql, args, obs_dim, act_dim, our_data(dql, data, opts.clip_actions), opts.start_step,
+                opts.compile and not opts.speed)
     if official_path is None:
         other_args = args
         if opts.perturb == "ema_decay":
@@ -578,8 +579,12 @@ def speed(opts, ours, official, args) -> None:
 
         return call
 
-    results = time_interleaved({"official": step(official), "diffusion_ql.py (eager)": step(ours)},
-                               rounds=opts.rounds, calls=opts.calls)
+    sides = {"official": step(official), "diffusion_ql.py --no-compile": step(ours)}
+    if opts.compile:  # the script's default: compiled losses (the harness's `ours` is eager unless --compile)
+        compiled = Ours(dql, args, opts.obs_dim, opts.act_dim, ours.data, ours.step, compile_losses=True)
+        copy_official_weights(compiled, ours.params())
+        sides["diffusion_ql.py (--compile, default)"] = step(compiled)
+    results = time_interleaved(sides, rounds=opts.rounds, calls=opts.calls)
     print(f"## Diffusion-QL: ms per training update on CPU, one thread, batch {args.batch_size}, task {opts.task}\n\n"
           f"{environment()}\n\n{speed_table(results, 'official')}\n\n({opts.rounds} interleaved rounds of "
           f"{opts.calls} updates each; the draws are made outside the timed code in both cases)")
@@ -607,7 +612,8 @@ def main(argv=None) -> int:
                    help="clip our dataset actions to [-1, 1] (the script's former behaviour) to measure what it does")
     p.add_argument("--align-coefficients", action="store_true",
                    help="give the script the official float32 DDPM coefficients (the script computes them in float64)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our losses (as the script's --compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile our losses as the script's --compile does (with --speed: an extra row)")
     p.add_argument("--speed", action="store_true", help="time official vs script updates instead of comparing")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=5)
