@@ -9,8 +9,12 @@ initial weights are copied into the script's networks; then both run `--updates`
 on identical batches from one synthetic dataset, with identical random draws. The draws are injected by replacing the
 RNG calls both sides make (torch.randint / randn / randn_like, np.random.uniform) with scripted queues: each queue
 entry is used exactly once, its shape and range are checked, and the official per-step `randn_like` noise of the
-reverse chain is served in the official loop order (t = T-1 .. 0). The step counter starts at `--start-step` (996),
-so the EMA actor's start (step 1000) and frequency (every 5) are exercised, and `--lr_decay` runs with the scheduler
+reverse chain is served in the official loop order (t = T-1 .. 0). The official agent first runs `--warmup` (20)
+updates alone; its whole state (networks, EMA actor, target critic, Adam moments and step counts) is then copied into
+the script, so the compared updates start from warm Adam moments (`--warmup 0`: from fresh ones, where Adam's first
+step lr * g / (|g| + 1e-8) magnifies rounding-level gradient differences of near-zero elements). The step counter of
+the compared updates starts at `--start-step` (996), so the EMA actor's start (step 1000) and frequency (every 5) are
+exercised, and `--lr_decay` runs with the scheduler
 stepped once per update (the script's `--eval-frequency 1`, the official `train(iterations=1)`), so the cosine lr
 moves at every update. Compared at every update: the loss terms, every gradient before and after clipping and the
 clipped norms, every parameter and Adam moment after the step, the EMA actor and the target critic, the learning
@@ -408,11 +412,28 @@ def build(opts, dql, official_path: str | None):
                   tau=args.tau, max_q_backup=max_q_backup, beta_schedule="vp", n_timesteps=args.diffusion_steps, eta=eta,
                   lr=lr, lr_decay=opts.lr_decay, lr_maxt=epochs, grad_norm=grad_norm)
     torch.manual_seed(opts.seed)
-    official = Official(official_path, kwargs, data, opts.start_step)
+    official = Official(official_path, kwargs, data, opts.start_step - opts.warmup)
+    if opts.warmup:  # official updates only, then its whole training state is copied: warm Adam moments
+        gen = torch.Generator().manual_seed(opts.seed + 5)
+        backup = args.max_q_backup_samples if args.max_q_backup else 1
+        for _ in range(opts.warmup):
+            official.update(official.queues(make_draws(gen, opts.transitions, args.batch_size, backup,
+                                                       args.diffusion_steps, act_dim)), record=False)
+        copy_adam_state(ours, official)
     copy_official_weights(ours, official.params())
     if opts.align_coefficients:
         align_coefficients(ours.schedule, official.agent.actor)
     return ours, official, args
+
+
+def copy_adam_state(ours: Ours, official: Official) -> None:
+    """The official Adam moments and step counts into the script's optimizers, parameter by parameter."""
+    mine = ours.named_params()
+    for name, p in official.named_params().items():
+        for opt, my_opt in ((official.agent.critic_optimizer, ours.q_optimizer),
+                            (official.agent.actor_optimizer, ours.actor_optimizer)):
+            if p in opt.state:
+                my_opt.state[mine[name]] = {k: v.clone() for k, v in opt.state[p].items()}
 
 
 def align_coefficients(schedule, diffusion) -> None:
@@ -603,6 +624,9 @@ def main(argv=None) -> int:
     p.add_argument("--transitions", type=int, default=10_000)
     p.add_argument("--updates", type=int, default=10)
     p.add_argument("--start-step", type=int, default=996, help="step counter of the first update (EMA starts at 1000)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="official-only updates before the compared ones, whose state (Adam moments included) is "
+                        "then copied into the script: the compared updates start from warm Adam moments")
     p.add_argument("--no-lr-decay", dest="lr_decay", action="store_false")
     p.add_argument("--eval-states", type=int, default=8)
     p.add_argument("--init-draws", type=int, default=100)
@@ -638,7 +662,9 @@ def main(argv=None) -> int:
     compare_lr_schedule(dql, opts.task, cmp)
     init_text = compare_init(opts, dql, path, cmp)
     title = (f"Diffusion-QL parity: diffusion_ql.py vs {'itself' if path is None else 'official @ ' + COMMIT}, task "
-             f"{opts.task}, {opts.updates} updates from step {opts.start_step} (EMA moved at steps {opts.ema_steps})"
+             f"{opts.task}, {opts.updates} updates from step {opts.start_step}"
+             + (f" after {opts.warmup} official warm-up updates" if opts.warmup else "")
+             + f" (EMA moved at steps {opts.ema_steps})"
              + (f", perturbation {opts.perturb}" if opts.perturb != "none" else "")
              + (", official float32 coefficients in the script" if opts.align_coefficients else ""))
     code = cmp.report(title)
