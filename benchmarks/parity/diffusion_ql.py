@@ -29,15 +29,15 @@ official code needed); `--perturb` plants one deliberate difference on one side,
 
 import argparse
 import contextlib
-import copy
 import os
+import re
 import sys
+import types
 import warnings
 from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Comparison, environment, load_script, require_official, speed_table, time_interleaved  # noqa: E402
@@ -551,6 +551,16 @@ def compare_init(opts, dql, official_path: str | None, cmp: Comparison) -> str:
             return out
 
     add_grouped(cmp, "init under one seed", ours_nets(opts.seed), theirs_nets(opts.seed))
+    if official_path is not None:  # the whole agent as each side builds it (the script's build_agent)
+        from agents.ql_diffusion import Diffusion_QL
+
+        args = dql.resolve_preset(dql.Args(preset=opts.task))[0]
+        torch.manual_seed(opts.seed)
+        nets = dql.build_agent(args, obs_dim, act_dim, torch.device("cpu"))[0]
+        mine = {f"{k}.{n}": p for k, m in nets.items() for n, p in m.named_parameters()}
+        torch.manual_seed(opts.seed)
+        agent = Diffusion_QL(obs_dim, act_dim, 1.0, "cpu", 0.99, 0.005, beta_schedule="vp", n_timesteps=5)
+        add_grouped(cmp, "agent init under one seed", mine, Official.named_params(types.SimpleNamespace(agent=agent)))
     draws = opts.init_draws
     a = {k: [] for k in ours_nets(0)}
     b = {k: [] for k in a}
@@ -645,7 +655,7 @@ def main(argv=None) -> int:
     opts = p.parse_args(argv)
     # the official sample_action's F.softmax without dim, and the schedulers stepped without an optimizer step here
     warnings.filterwarnings("ignore", message="Implicit dimension choice for softmax")
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
     opts.ema_steps, opts.init_ok = [], True
     path = None if opts.self_test else require_official(opts.official, URL, COMMIT)
     if opts.perturb != "none" and not opts.self_test:
