@@ -676,7 +676,11 @@ def main(argv=None) -> int:
              + (f" after {opts.warmup} official warm-up updates" if opts.warmup else "")
              + f" (EMA moved at steps {opts.ema_steps})"
              + (f", perturbation {opts.perturb}" if opts.perturb != "none" else "")
-             + (", official float32 coefficients in the script" if opts.align_coefficients else ""))
+             + (", official float32 coefficients in the script" if opts.align_coefficients else "")
+             + (f", dataset actions in [-{1 + opts.action_overshoot:g}, {1 + opts.action_overshoot:g}]"
+                if opts.action_overshoot else "")
+             + (", the script's dataset actions clipped to [-1, 1]" if opts.clip_actions else "")
+             + (", compiled losses" if opts.compile else ""))
     code = cmp.report(title)
     print(init_text)
     return code if opts.init_ok else 1
