@@ -612,7 +612,7 @@ def speed(opts, ours, official, args) -> None:
 
     sides = {"official": step(official), "diffusion_ql.py --no-compile": step(ours)}
     if opts.compile:  # the script's default: compiled losses (the harness's `ours` is eager unless --compile)
-        compiled = Ours(dql, args, opts.obs_dim, opts.act_dim, ours.data, ours.step, compile_losses=True)
+        compiled = Ours(ours.dql, args, opts.obs_dim, opts.act_dim, ours.data, ours.step, compile_losses=True)
         copy_official_weights(compiled, ours.params())
         sides["diffusion_ql.py (--compile, default)"] = step(compiled)
     results = time_interleaved(sides, rounds=opts.rounds, calls=opts.calls)
