@@ -473,7 +473,7 @@ def add_grouped(cmp: Comparison, prefix: str, ours: dict, official: dict) -> Non
 
 
 def compare_updates(opts, ours, official, args, cmp: Comparison) -> None:
-    add_grouped(cmp, "initial weights", ours.params(), official.params())
+    add_grouped(cmp, "start state (copied from the official)", ours.params(), official.params())
     gen = torch.Generator().manual_seed(opts.seed + 1)
     backup = args.max_q_backup_samples if args.max_q_backup else 1
     n = ours.data["obs"].shape[0]
