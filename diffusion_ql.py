@@ -35,7 +35,6 @@ evaluation (every 50k steps) over T_max = epochs, which leaves the lr at ~0.999x
 the last one. Not kept: the offline model selection (`--ms offline`, early stopping, and its argsort indexing bug).
 """
 
-import copy
 import json
 import math
 import os
@@ -611,12 +610,14 @@ def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], step:
 def build_agent(args: Args, obs_dim: int, act_dim: int,
                 device: torch.device) -> tuple[dict[str, nn.Module], torch.optim.Adam, torch.optim.Adam, DDPMSchedule]:
     """The networks (actor, ema_actor, qf1, qf2, qf1_target, qf2_target), the critic and actor Adams, the schedule."""
-    # Built in the official order (actor, then Q1 and Q2) with the copies made by deepcopy, which draws nothing: under
-    # one torch seed the initial weights are the official agent's.
     actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    ema_actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
     qf1, qf2 = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device), QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
-    ema_actor = copy.deepcopy(actor)  # a copy of the initial actor, frozen until step `ema_start`
-    qf1_target, qf2_target = copy.deepcopy(qf1), copy.deepcopy(qf2)
+    qf1_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf2_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    ema_actor.load_state_dict(actor.state_dict())  # a copy of the initial actor, frozen until step `ema_start`
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
     for net in (ema_actor, qf1_target, qf2_target):
         net.requires_grad_(False)
     # fused=True: one multi-tensor Adam kernel per optimizer instead of per-parameter ops (same update up to rounding)

@@ -32,7 +32,6 @@ import contextlib
 import os
 import re
 import sys
-import types
 import warnings
 from dataclasses import replace
 
@@ -551,16 +550,6 @@ def compare_init(opts, dql, official_path: str | None, cmp: Comparison) -> str:
             return out
 
     add_grouped(cmp, "init under one seed", ours_nets(opts.seed), theirs_nets(opts.seed))
-    if official_path is not None:  # the whole agent as each side builds it (the script's build_agent)
-        from agents.ql_diffusion import Diffusion_QL
-
-        args = dql.resolve_preset(dql.Args(preset=opts.task))[0]
-        torch.manual_seed(opts.seed)
-        nets = dql.build_agent(args, obs_dim, act_dim, torch.device("cpu"))[0]
-        mine = {f"{k}.{n}": p for k, m in nets.items() for n, p in m.named_parameters()}
-        torch.manual_seed(opts.seed)
-        agent = Diffusion_QL(obs_dim, act_dim, 1.0, "cpu", 0.99, 0.005, beta_schedule="vp", n_timesteps=5)
-        add_grouped(cmp, "agent init under one seed", mine, Official.named_params(types.SimpleNamespace(agent=agent)))
     draws = opts.init_draws
     a = {k: [] for k in ours_nets(0)}
     b = {k: [] for k in a}
