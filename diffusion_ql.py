@@ -92,6 +92,10 @@ class Args:
     """gradient steps between checkpoints (with --save-model)"""
     dataset_id: str = "mujoco/hopper/medium-v0"
     """Minari dataset id (Box observations and actions); looked up under MINARI_DATASETS_PATH first"""
+    goal_terminals: bool | None = None
+    """steps with reward 1 end the bootstrap (not_done = 0), as the `terminals` of D4RL's antmaze data that the official
+    code trained on (Minari's antmaze episodes never terminate, so the goal would be worth a discounted sum of goal
+    rewards instead of one); None: on for antmaze datasets, off otherwise"""
     total_timesteps: int | None = None
     """number of gradient steps (None: the preset's epochs x 1000, e.g. 2M for locomotion)"""
     learning_starts: int = 0
@@ -254,7 +258,8 @@ def resolve_preset(args: Args) -> tuple[Args, str]:
     return replace(args, lr=pick(args.lr, lr), eta=pick(args.eta, eta), max_q_backup=pick(args.max_q_backup, max_q_backup),
                    reward_tune=pick(args.reward_tune, reward_tune), grad_norm=pick(args.grad_norm, grad_norm),
                    total_timesteps=pick(args.total_timesteps, epochs * 1000),
-                   eval_episodes=pick(args.eval_episodes, 10 if task.endswith("-v2") else 100)), task
+                   eval_episodes=pick(args.eval_episodes, 10 if task.endswith("-v2") else 100),
+                   goal_terminals=pick(args.goal_terminals, env_name(args.dataset_id) == "antmaze")), task
 
 
 def load_dataset(dataset_id: str):
@@ -281,17 +286,26 @@ def load_dataset(dataset_id: str):
         fail(f"dataset {dataset_id!r} is not under {root} and the download failed ({type(e).__name__}); get it with {how}")
 
 
-def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """All transitions of the dataset as device tensors: obs/next_obs [N, S], actions [N, A] rescaled to [-1, 1],
-    rewards [N] (after the reward transform) and not_dones [N] (0 only where the episode terminated)."""
+def rescale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Affine map of the action Box [low, high] onto [-1, 1] (the identity for every official task), [N, A]."""
+    return 2.0 * (actions - low) / (high - low) - 1.0
+
+
+def dataset_tensors(dataset, reward_tune: str, device: torch.device,
+                    goal_terminals: bool = False) -> dict[str, torch.Tensor]:
+    """All transitions of the dataset as device tensors: obs/next_obs [N, S], actions [N, A] rescaled from the
+    action Box to [-1, 1] (not clipped: the official code trains on the stored actions as they are), rewards [N]
+    (after the reward transform) and not_dones [N] (0 where the episode terminated and, with `goal_terminals`, where
+    the raw reward is 1: D4RL's antmaze `terminals`)."""
     obs, next_obs, actions, rewards, terminals = [], [], [], [], []
     for ep in dataset.iterate_episodes():
         ep_obs = flatten_obs(ep.observations, dataset.observation_space)  # [T+1, S]
         obs.append(ep_obs[:-1]), next_obs.append(ep_obs[1:]), actions.append(ep.actions)
         rewards.append(ep.rewards), terminals.append(ep.terminations)
-    low, high = dataset.action_space.low, dataset.action_space.high
-    actions = 2.0 * (np.concatenate(actions) - low) / (high - low) - 1.0
-    rewards = torch.as_tensor(np.concatenate(rewards), dtype=torch.float32)
+    actions = rescale_actions(np.concatenate(actions), dataset.action_space.low, dataset.action_space.high)
+    raw_rewards = np.concatenate(rewards)
+    terminals = np.concatenate(terminals) | (goal_terminals & (raw_rewards == 1.0))  # [N] bool
+    rewards = torch.as_tensor(raw_rewards, dtype=torch.float32)
     if reward_tune == "normalize" and rewards.numel() > 1 and rewards.max() > rewards.min():
         rewards = (rewards - rewards.mean()) / rewards.std()  # pen: torch's unbiased std, as the official Data_Sampler
     elif reward_tune == "normalize":  # constant: the official 0/0 would make every reward NaN
@@ -300,8 +314,8 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
         rewards = torch.zeros_like(rewards)
     elif reward_tune == "cql_antmaze":
         rewards = (rewards - 0.5) * 4.0
-    data = {"obs": np.concatenate(obs), "next_obs": np.concatenate(next_obs), "actions": np.clip(actions, -1.0, 1.0),
-            "not_dones": 1.0 - np.concatenate(terminals).astype(np.float32)}
+    data = {"obs": np.concatenate(obs), "next_obs": np.concatenate(next_obs), "actions": actions,
+            "not_dones": 1.0 - terminals.astype(np.float32)}
     data = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in data.items()}
     return {k: v.to(device) for k, v in {**data, "rewards": rewards}.items()}
 
@@ -587,6 +601,87 @@ def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], step:
     return True
 
 
+def build_agent(args: Args, obs_dim: int, act_dim: int,
+                device: torch.device) -> tuple[dict[str, nn.Module], torch.optim.Adam, torch.optim.Adam, DDPMSchedule]:
+    """The networks (actor, ema_actor, qf1, qf2, qf1_target, qf2_target), the critic and actor Adams, the schedule."""
+    actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    ema_actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    qf1, qf2 = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device), QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf1_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf2_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    ema_actor.load_state_dict(actor.state_dict())  # a copy of the initial actor, frozen until step `ema_start`
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
+    for net in (ema_actor, qf1_target, qf2_target):
+        net.requires_grad_(False)
+    # fused=True: one multi-tensor Adam kernel per optimizer instead of per-parameter ops (same update up to rounding)
+    q_optimizer = torch.optim.Adam([*qf1.parameters(), *qf2.parameters()], lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)
+    schedule = DDPMSchedule(vp_beta_schedule(args.diffusion_steps), device)
+    nets = {"actor": actor, "ema_actor": ema_actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
+            "qf2_target": qf2_target}
+    return nets, q_optimizer, actor_optimizer, schedule
+
+
+def lr_factor(step: int, lr_decay: bool, eval_frequency: int, total_timesteps: int) -> float:
+    """Official --lr_decay: CosineAnnealingLR(T_max = epochs = total_timesteps / 1000) stepped once per `agent.train`
+    call, i.e. once per evaluation (every `eval_frequency` steps); 1.0 without --lr-decay."""
+    if not lr_decay:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step // eval_frequency) / (total_timesteps / 1000)))
+
+
+def train_step(args: Args, nets: dict[str, nn.Module], q_optimizer: torch.optim.Optimizer,
+               actor_optimizer: torch.optim.Optimizer, schedule: DDPMSchedule, data: dict[str, torch.Tensor],
+               global_step: int, backend: str, compute_critic_losses=critic_losses,
+               compute_actor_losses=actor_losses) -> tuple[torch.Tensor, ...]:
+    """One gradient step in the official order: critic, then actor, then EMA actor and target critic. The random draws
+    are made here in a fixed order (batch indices, critic-target chain, t, eps, actor chain, head pick).
+
+    Returns (qf1_loss, qf2_loss, mean Q1(s, a), mean Q2(s, a), actor_loss, bc_loss, ql_loss), all 0-dim tensors."""
+    critic_params, actor_params = q_optimizer.param_groups[0]["params"], actor_optimizer.param_groups[0]["params"]
+    factor = lr_factor(global_step, args.lr_decay, args.eval_frequency, args.total_timesteps)
+    actor_optimizer.param_groups[0]["lr"], q_optimizer.param_groups[0]["lr"] = args.lr * factor, args.critic_lr * factor
+    num_transitions, act_dim = data["actions"].shape
+    device = data["actions"].device
+    idx = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # uniform, with replacement
+    batch = {k: v[idx] for k, v in data.items()}  # obs, next_obs [B, S], actions [B, A], rewards, not_dones [B]
+
+    backup_samples = args.max_q_backup_samples if args.max_q_backup else 1
+    x, noise = draw_noise(schedule, args.batch_size * backup_samples, act_dim, device)
+    qf1_loss, qf2_loss, qf1_values, qf2_values = compute_critic_losses(nets, schedule, batch, x, noise, args.gamma,
+                                                                       backup_samples, backend)
+    q_optimizer.zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    if args.grad_norm > 0:
+        nn.utils.clip_grad_norm_(critic_params, args.grad_norm)
+    q_optimizer.step()
+
+    # actor: diffusion BC + eta * normalised Q of a full reverse chain, backpropagated through every step
+    t = torch.randint(0, schedule.T, (args.batch_size,), device=device)
+    eps = torch.randn(args.batch_size, act_dim, device=device)
+    x, noise = draw_noise(schedule, args.batch_size, act_dim, device)
+    use_qf1 = bool(np.random.uniform() > 0.5)  # official random head pick
+    for p in critic_params:  # dL/d(critic weights) is discarded by the official code: skip computing it
+        p.requires_grad_(False)
+    behaviour_loss, ql_loss = compute_actor_losses(nets, schedule, batch, t, eps, x, noise, use_qf1, backend)
+    for p in critic_params:
+        p.requires_grad_(True)
+    actor_loss = behaviour_loss + args.eta * ql_loss
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    if args.grad_norm > 0:
+        nn.utils.clip_grad_norm_(actor_params, args.grad_norm)
+    actor_optimizer.step()
+
+    update_ema(list(nets["ema_actor"].parameters()), actor_params, global_step, args.ema_start, args.ema_frequency,
+               args.ema_decay)
+    with torch.no_grad():
+        torch._foreach_lerp_([*nets["qf1_target"].parameters(), *nets["qf2_target"].parameters()], critic_params,
+                             args.tau)
+    return qf1_loss, qf2_loss, qf1_values, qf2_values, actor_loss, behaviour_loss, ql_loss
+
+
 @torch.no_grad()
 def select_actions(nets: dict[str, nn.Module], schedule: DDPMSchedule, obs: torch.Tensor, num_candidates: int,
                    backend: str = "torch") -> torch.Tensor:
@@ -703,7 +798,7 @@ if __name__ == "__main__":
     compile_step = args.compile and backend == "torch"
 
     # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
-    data = dataset_tensors(dataset, args.reward_tune, device)
+    data = dataset_tensors(dataset, args.reward_tune, device, args.goal_terminals)
     num_transitions = data["obs"].shape[0]
     eval_envs = [make_env(dataset, args.seed + 100 + i, os.path.join(run_dir, "videos") if args.capture_video and i == 0
                           else None)() for i in range(args.eval_episodes)]
@@ -719,32 +814,7 @@ if __name__ == "__main__":
           flush=True)
 
     # ALGO LOGIC: initialize agent here
-    actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
-    ema_actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
-    qf1, qf2 = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device), QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
-    qf1_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
-    qf2_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
-    ema_actor.load_state_dict(actor.state_dict())  # a copy of the initial actor, frozen until step `ema_start`
-    qf1_target.load_state_dict(qf1.state_dict())
-    qf2_target.load_state_dict(qf2.state_dict())
-    for net in (ema_actor, qf1_target, qf2_target):
-        net.requires_grad_(False)
-    critic_params = [*qf1.parameters(), *qf2.parameters()]
-    actor_params = list(actor.parameters())
-    # fused=True: one multi-tensor Adam kernel per optimizer instead of per-parameter ops (same update up to rounding)
-    q_optimizer = torch.optim.Adam(critic_params, lr=args.critic_lr, fused=True)
-    actor_optimizer = torch.optim.Adam(actor_params, lr=args.lr, fused=True)
-    schedule = DDPMSchedule(vp_beta_schedule(args.diffusion_steps), device)
-    target_params = [*qf1_target.parameters(), *qf2_target.parameters()]
-    ema_params = list(ema_actor.parameters())
-    epochs = args.total_timesteps / 1000  # the official T_max of --lr_decay
-
-    def lr_factor(step: int) -> float:
-        """Official --lr_decay: CosineAnnealingLR(T_max=epochs) stepped once per evaluation (every 50 epochs)."""
-        return 0.5 * (1 + math.cos(math.pi * (step // args.eval_frequency) / epochs)) if args.lr_decay else 1.0
-
-    nets = {"actor": actor, "ema_actor": ema_actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
-            "qf2_target": qf2_target}
+    nets, q_optimizer, actor_optimizer, schedule = build_agent(args, obs_dim, act_dim, device)
     stateful = {**nets, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
     compute_critic_losses, compute_actor_losses = critic_losses, actor_losses
     if compile_step:  # one fused forward+backward per loss (Triton kernels have their own fused chain instead)
@@ -800,42 +870,10 @@ if __name__ == "__main__":
     losses, eval_seconds = {}, 0.0  # time spent in evaluation, left out of train_ms_per_step
 
     while global_step < args.total_timesteps:
-        # ALGO LOGIC: training (critic, then actor, then EMA actor and target critic; official order)
-        for group, base in ((actor_optimizer.param_groups[0], args.lr), (q_optimizer.param_groups[0], args.critic_lr)):
-            group["lr"] = base * lr_factor(global_step)
-        idx = torch.randint(0, num_transitions, (args.batch_size,), device=device)  # uniform, with replacement
-        batch = {k: v[idx] for k, v in data.items()}  # obs, next_obs [B, S], actions [B, A], rewards, not_dones [B]
-
-        backup_samples = args.max_q_backup_samples if args.max_q_backup else 1
-        x, noise = draw_noise(schedule, args.batch_size * backup_samples, act_dim, device)
-        qf1_loss, qf2_loss, qf1_values, qf2_values = compute_critic_losses(nets, schedule, batch, x, noise, args.gamma,
-                                                                           backup_samples, backend)
-        q_optimizer.zero_grad()
-        (qf1_loss + qf2_loss).backward()
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(critic_params, args.grad_norm)
-        q_optimizer.step()
-
-        # actor: diffusion BC + eta * normalised Q of a full reverse chain, backpropagated through every step
-        t = torch.randint(0, schedule.T, (args.batch_size,), device=device)
-        eps = torch.randn(args.batch_size, act_dim, device=device)
-        x, noise = draw_noise(schedule, args.batch_size, act_dim, device)
-        use_qf1 = bool(np.random.uniform() > 0.5)  # official random head pick
-        for p in critic_params:  # dL/d(critic weights) is discarded by the official code: skip computing it
-            p.requires_grad_(False)
-        behaviour_loss, ql_loss = compute_actor_losses(nets, schedule, batch, t, eps, x, noise, use_qf1, backend)
-        for p in critic_params:
-            p.requires_grad_(True)
-        actor_loss = behaviour_loss + args.eta * ql_loss
-        actor_optimizer.zero_grad()
-        actor_loss.backward()
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(actor_params, args.grad_norm)
-        actor_optimizer.step()
-
-        update_ema(ema_params, actor_params, global_step, args.ema_start, args.ema_frequency, args.ema_decay)
-        with torch.no_grad():
-            torch._foreach_lerp_(target_params, critic_params, args.tau)
+        # ALGO LOGIC: training (one update: critic, then actor, then EMA actor and target critic; official order)
+        qf1_loss, qf2_loss, qf1_values, qf2_values, actor_loss, behaviour_loss, ql_loss = train_step(
+            args, nets, q_optimizer, actor_optimizer, schedule, data, global_step, backend, compute_critic_losses,
+            compute_actor_losses)
         global_step += 1
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed gradient-step intervals; a status line also

@@ -91,6 +91,10 @@ class Args:
     """gradient steps (pretraining included) between checkpoints (with --save-model)"""
     dataset_id: str = "mujoco/hopper/medium-v0"
     """Minari dataset id (Box observations and actions); looked up under MINARI_DATASETS_PATH first"""
+    goal_terminals: bool | None = None
+    """steps with reward 1 end the bootstrap (not_done = 0), as the `terminals` of D4RL's antmaze data that the official
+    code trained on (Minari's antmaze episodes never terminate, so the goal would be worth a discounted sum of goal
+    rewards instead of one); None: on for antmaze datasets, off otherwise"""
     total_timesteps: int | None = None
     """main-loop gradient steps, after the `pretrain_steps` (None: the preset's epochs x 1000, e.g. 1M for locomotion)"""
     learning_starts: int = 0
@@ -266,7 +270,8 @@ def resolve_preset(args: Args) -> tuple[Args, str]:
                    lr_decay=pick(args.lr_decay, lr_decay), expectile=pick(args.expectile, expectile),
                    batch_size=pick(args.batch_size, batch_size), total_timesteps=pick(args.total_timesteps, epochs * 1000),
                    reward_tune=pick(args.reward_tune, "iql_antmaze" if task.startswith("antmaze") else "no"),
-                   eval_episodes=pick(args.eval_episodes, 10 if task.endswith("-v2") else 100)), task
+                   eval_episodes=pick(args.eval_episodes, 10 if task.endswith("-v2") else 100),
+                   goal_terminals=pick(args.goal_terminals, env_name(args.dataset_id) == "antmaze")), task
 
 
 def load_dataset(dataset_id: str):
@@ -293,9 +298,12 @@ def load_dataset(dataset_id: str):
         fail(f"dataset {dataset_id!r} is not under {root} and the download failed ({type(e).__name__}); get it with {how}")
 
 
-def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """All transitions of the dataset as device tensors: obs/next_obs [N, S], actions [N, A] rescaled to [-1, 1],
-    rewards [N, 1] (after the reward transform) and not_dones [N, 1] (0 only where the episode terminated)."""
+def dataset_tensors(dataset, reward_tune: str, device: torch.device,
+                    goal_terminals: bool = False) -> dict[str, torch.Tensor]:
+    """All transitions of the dataset as device tensors: obs/next_obs [N, S], actions [N, A] rescaled to [-1, 1] and
+    clipped there (the NLL term takes atanh(a / (1 + 1e-3)), NaN beyond |a| = 1.001), rewards [N, 1] (after the
+    reward transform) and not_dones [N, 1] (0 where the episode terminated and, with `goal_terminals`, where the raw
+    reward is 1: D4RL's antmaze `terminals`)."""
     obs, next_obs, actions, rewards, terminals = [], [], [], [], []
     for ep in dataset.iterate_episodes():
         ep_obs = flatten_obs(ep.observations, dataset.observation_space)  # [T+1, S]
@@ -303,11 +311,13 @@ def dataset_tensors(dataset, reward_tune: str, device: torch.device) -> dict[str
         rewards.append(ep.rewards), terminals.append(ep.terminations)
     low, high = dataset.action_space.low, dataset.action_space.high
     actions = 2.0 * (np.concatenate(actions) - low) / (high - low) - 1.0
-    rewards = np.concatenate(rewards).astype(np.float32)
+    raw_rewards = np.concatenate(rewards)
+    terminals = np.concatenate(terminals) | (goal_terminals & (raw_rewards == 1.0))  # [N] bool
+    rewards = raw_rewards.astype(np.float32)
     if reward_tune == "iql_antmaze":
         rewards = rewards - 1.0
     data = {"obs": np.concatenate(obs), "next_obs": np.concatenate(next_obs), "actions": np.clip(actions, -1.0, 1.0),
-            "rewards": rewards[:, None], "not_dones": 1.0 - np.concatenate(terminals).astype(np.float32)[:, None]}
+            "rewards": rewards[:, None], "not_dones": 1.0 - terminals.astype(np.float32)[:, None]}
     return {k: torch.as_tensor(v, dtype=torch.float32).to(device) for k, v in data.items()}
 
 
@@ -782,7 +792,7 @@ if __name__ == "__main__":
     print(f"device {device} | precision {precision} (no reverse chain)")
 
     # data setup: the whole dataset on the device; eval envs recovered from the dataset (fixed seeds seed+100+i)
-    data = dataset_tensors(dataset, args.reward_tune, device)
+    data = dataset_tensors(dataset, args.reward_tune, device, args.goal_terminals)
     num_transitions = data["obs"].shape[0]
     eval_envs = [make_env(dataset, args.seed + 100 + i, os.path.join(run_dir, "videos") if args.capture_video and i == 0
                           else None)() for i in range(args.eval_episodes)]

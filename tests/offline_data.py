@@ -136,3 +136,33 @@ def make_mujoco_dataset(dataset_id: str = "test/hopper/random-v0", env_id: str =
         author=_AUTHOR, author_email=_EMAIL, code_permalink=_PERMALINK,
         ref_min_score=ref_min_score, ref_max_score=ref_max_score, description="test data (random policy)",
         requirements=["mujoco>=3", "gymnasium>=1.1"])
+
+
+# Raw rewards of the goal dataset's three episodes: sparse goal rewards as in Minari's antmaze data (1 while the agent
+# is at the goal, 0 elsewhere), episodes that never terminate (the last is truncated) and, in episode 1, a reward of 1
+# that repeats while the agent stays at the goal, as in a continuing task.
+GOAL_EPISODE_REWARDS = ([0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0])
+GOAL_ACTION_OVERSHOOT = 1.02  # one stored action beyond the [-1, 1] box, as behaviour data can hold
+
+
+def make_goal_dataset(dataset_id: str = "test/antmaze/goal-v0", terminate_last: bool = False):
+    """A small antmaze-style dataset on the bandit env's spaces: `GOAL_EPISODE_REWARDS` as rewards, never terminated
+    (each episode truncated at its end), unless `terminate_last` terminates the last episode. The first action of
+    episode 0 is (GOAL_ACTION_OVERSHOOT, -GOAL_ACTION_OVERSHOOT), outside the action box; the rest are in it. The
+    env part of the default id is "antmaze", so the offline scripts apply their antmaze defaults to it."""
+    buffers = []
+    for i, rewards in enumerate(GOAL_EPISODE_REWARDS):
+        n = len(rewards)
+        actions = np.tile(np.array([[0.5, -0.5]], np.float32), (n, 1))
+        if i == 0:
+            actions[0] = [GOAL_ACTION_OVERSHOOT, -GOAL_ACTION_OVERSHOOT]
+        last = i == len(GOAL_EPISODE_REWARDS) - 1 and terminate_last
+        buffers.append(EpisodeBuffer(id=i, observations=np.arange(n + 1, dtype=np.float32)[:, None] / 10,
+                                     actions=actions, rewards=np.array(rewards, dtype=np.float64),
+                                     terminations=np.array([False] * (n - 1) + [last]),
+                                     truncations=np.array([False] * (n - 1) + [not last])))
+    spec = gym.spec(BANDIT_ENV_ID)
+    return minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=spec, eval_env=spec, algorithm_name="scripted goal rewards", author=_AUTHOR,
+        author_email=_EMAIL, code_permalink=_PERMALINK, ref_min_score=0.0, ref_max_score=1.0,
+        description="antmaze-style sparse goal rewards, no terminations")
