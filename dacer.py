@@ -311,10 +311,18 @@ def haiku_linear(in_dim: int, out_dim: int) -> nn.Linear:
     return layer
 
 
+class Mish(nn.Module):
+    """x tanh(softplus(x)), written out as the official code writes it: on the CPU these three kernels take about half
+    the time of nn.Mish's fused one, forward and backward (which matters in the 20-step chain); nn.Mish on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mish(x) if x.is_cuda else x * torch.tanh(F.softplus(x))
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """in -> 3 x [Linear(hidden), Mish] -> Linear(out)."""
-    return nn.Sequential(haiku_linear(in_dim, hidden_dim), nn.Mish(), haiku_linear(hidden_dim, hidden_dim), nn.Mish(),
-                         haiku_linear(hidden_dim, hidden_dim), nn.Mish(), haiku_linear(hidden_dim, out_dim))
+    return nn.Sequential(haiku_linear(in_dim, hidden_dim), Mish(), haiku_linear(hidden_dim, hidden_dim), Mish(),
+                         haiku_linear(hidden_dim, hidden_dim), Mish(), haiku_linear(hidden_dim, out_dim))
 
 
 class QNetwork(nn.Module):
@@ -342,7 +350,7 @@ class Denoiser(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, time_dim: int, diffusion_steps: int):
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.time_mlp = nn.Sequential(haiku_linear(time_dim, 2 * time_dim), nn.Mish(), haiku_linear(2 * time_dim, time_dim))
+        self.time_mlp = nn.Sequential(haiku_linear(time_dim, 2 * time_dim), Mish(), haiku_linear(2 * time_dim, time_dim))
         self.net = mlp(obs_dim + act_dim + time_dim, hidden_dim, act_dim)
         self.register_buffer("time_features", sinusoidal_embedding(torch.arange(diffusion_steps), time_dim))  # [T, E]
 

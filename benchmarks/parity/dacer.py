@@ -118,17 +118,18 @@ def policy_step(i: int) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 # the script's side
 # ---------------------------------------------------------------------------------------------------------------------
-def script_args(ours, setup: Setup):
+def script_args(ours, setup: Setup, **overrides):
     """The script's flags for the official defaults (lr 1e-4 both nets, alpha lr 3e-2, tau 0.005, gamma 0.99, reward
     scale 0.2, noise 0.15 alpha as hard-coded in the official get_action, alpha_0 = 3, target entropy -0.9 dim(A))."""
-    return ours.Args(env_id="Ant-v5", hidden_dim=setup.hidden, batch_size=setup.batch, diffusion_steps=setup.steps,
-                     entropy_samples=setup.entropy_samples, alpha_frequency=setup.alpha_every, noise_scale=0.15,
-                     learning_starts=0)
+    flags = dict(env_id="Ant-v5", hidden_dim=setup.hidden, batch_size=setup.batch, diffusion_steps=setup.steps,
+                 entropy_samples=setup.entropy_samples, alpha_frequency=setup.alpha_every, noise_scale=0.15,
+                 learning_starts=0)
+    return ours.Args(**{**flags, **overrides})
 
 
-def build_script_agent(ours, setup: Setup, init: dict):
+def build_script_agent(ours, setup: Setup, init: dict, **overrides):
     """The script's nets and optimizers as its main loop builds them, with the weights of `init` (torch layout)."""
-    args = script_args(ours, setup)
+    args = script_args(ours, setup, **overrides)
     actor = ours.Denoiser(setup.obs_dim, setup.act_dim, setup.hidden, args.time_dim, setup.steps)
     nets = {"actor": actor, **{k: ours.QNetwork(setup.obs_dim, setup.act_dim, setup.hidden)
                                for k in ("qf1", "qf2", "qf1_target", "qf2_target")}}
@@ -165,9 +166,11 @@ def named(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters())
 
 
-def script_run(ours, setup: Setup, init: dict, batches: list, draws: list[dict], gmm_seeds: list[int]) -> list[dict]:
-    """Runs the script's `update` on the batches and draws; returns per update the compared quantities."""
-    args, agent, log_alpha = build_script_agent(ours, setup, init)
+def script_run(ours, setup: Setup, init: dict, batches: list, draws: list[dict], gmm_seeds: list[int],
+               **overrides) -> list[dict]:
+    """Runs the script's `update` on the batches and draws; returns per update the compared quantities. `overrides`:
+    script flags to change (the CI test perturbs them)."""
+    args, agent, log_alpha = build_script_agent(ours, setup, init, **overrides)
     schedule = ours.DDPMSchedule(ours.vp_beta_schedule(setup.steps, args.vp_beta_min, args.vp_beta_max),
                                  torch.device("cpu"))
     stats = {"mean_q1_std": torch.tensor(-1.0), "mean_q2_std": torch.tensor(-1.0), "entropy": torch.tensor(0.0)}
@@ -738,7 +741,7 @@ def race(path: str, ours, rounds: int, calls: int) -> str:
 
     torch.set_num_threads(1)
     network, algorithm, Experience = import_official(path)
-    setup = Setup(obs_dim=105, act_dim=8, hidden=256, batch=256, updates=1)
+    setup = Setup(obs_dim=105, act_dim=8, hidden=256, batch=256, entropy_samples=200, alpha_every=10_000, updates=1)
 
     def mish(x):
         return x * jnp.tanh(jax.nn.softplus(x))
@@ -788,6 +791,62 @@ def race(path: str, ours, rounds: int, calls: int) -> str:
     return table
 
 
+IDENTICAL = "Adam update, identical inputs (official gradient and moments): "
+
+
+def args_lr(ours, setup: Setup) -> tuple[float, float, float]:
+    args = script_args(ours, setup)
+    return args.q_lr, args.policy_lr, args.alpha_lr
+
+
+def explain(comparison: Comparison, max_lr: float) -> int:
+    """Rows above the tolerance whose cause the same run measures; returns 0 if every failure is one of them (with
+    its premises within tolerance and its size bounded), else 1.
+
+    1. optax computes Adam's bias corrections 1 - b^t in float32 (Python float ** int32 count); for b2 = 0.999 and
+       small t the rounding of 0.999^t is ~1e-5 of 1 - 0.999^t. Premise: torch and optax agree in float64 and torch's
+       float32 update agrees with its float64 one; then optax float32 vs optax float64 shows the size.
+    2. End-to-end Adam updates: Adam divides each element by its own running rms, so an element whose gradient is at
+       the rounding level of its tensor (|g| ~ 1e-7 max|g|, where the gradients agree only in absolute terms) gets an
+       update of up to lr whose value the rounding decides. Premise: gradients and moments within tolerance, and on
+       the elements whose inputs agree to 1e-5 the updates agree to within 1e-5 plus cause 1. Bound: no element's
+       update differs by more than 5% of the largest learning rate.
+    3. Parameters after the update: the differences of cause 2 added to the weights. Bound: max abs difference at most
+       that of the updates (5% of an Adam step)."""
+    rows = comparison.rows
+    tol = comparison.tolerance
+
+    def ok(name):
+        return name in rows and rows[name][1] <= tol
+
+    own32 = rows.get(IDENTICAL + "optax float32 vs optax float64", [0, 0])[1]
+    premise1 = ok(IDENTICAL + "torch vs optax, both float64") and ok(IDENTICAL + "torch float32 vs torch float64")
+    premise2 = premise1 and all(ok(n) for n in rows if n.startswith(("gradients", "Adam 1st", "Adam 2nd")))
+    causes = {}
+    for name in comparison.failures():
+        abs_diff, rel = rows[name][0], rows[name][1]
+        if name in (IDENTICAL + "torch vs optax, both float32", IDENTICAL + "optax float32 vs optax float64"):
+            if premise1 and rel <= 2 * own32:
+                causes[name] = "1: optax's float32 bias correction"
+        elif name.startswith("diagnosis: Adam update"):
+            if premise2 and rel <= tol + own32:
+                causes[name] = "1, on elements with agreeing inputs"
+        elif name.startswith("Adam update"):
+            if premise2 and abs_diff <= 0.05 * max_lr:
+                causes[name] = "2: rounding-level gradient elements, normalised by Adam"
+        elif (name.startswith("parameters") and name.endswith("after the update")) or "(EMA" in name:
+            if premise2 and abs_diff <= 0.05 * max_lr:
+                causes[name] = "3: the updates of cause 2, applied"
+    unexplained = [n for n in comparison.failures() if n not in causes]
+    if causes:
+        print("Differences above 1e-5 with a measured cause (see `explain` in this file):")
+        for name, cause in causes.items():
+            print(f"- {name}: cause {cause}")
+    print(f"UNEXPLAINED: {', '.join(unexplained)}" if unexplained else
+          f"OK: every quantity within {tol:g} or explained by a cause measured in this run")
+    return 1 if unexplained or not rows else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official", help="path of a checkout of the official repository at " + COMMIT)
@@ -814,7 +873,8 @@ def main() -> int:
     comparison = Comparison()
     compare(ours, mine, ref, comparison)
     print(f"setup: {setup}")
-    code = comparison.report(f"dacer.py vs official DACER @ {COMMIT}: {setup.updates} updates")
+    comparison.report(f"dacer.py vs official DACER @ {COMMIT}: {setup.updates} updates")
+    code = explain(comparison, max(args_lr(ours, setup)))
     init_table, init_ok = init_distribution(path, ours, cli.init_draws)
     print(f"\n## init distribution per layer ({cli.init_draws} draws of each net)\n\n{init_table}\n\n"
           + ("OK: every layer within 4 standard errors" if init_ok else "MISMATCH in the init distribution"))
