@@ -576,7 +576,7 @@ def official_run(path: str, ours, setup: Setup, batches: list, gmm_seeds: list[i
     official_entropy, fits = algorithm.estimate_entropy, []
 
     def estimate_entropy(actions, num_components=3):
-        actions = np.asarray(actions)  # [B, N, A]
+        actions = np.array(actions)  # [B, N, A] (a writable copy: torch.from_numpy below)
         torch.manual_seed(tape.gmm_seed)
         weights, _, covs = ours.fit_gmm(torch.from_numpy(actions).double(), num_components, 100)
         weights, covs = weights.numpy(), covs.numpy()
@@ -851,7 +851,9 @@ def explain(comparison: Comparison, max_lr: float) -> int:
             if premise2 and rel <= tol + own32:
                 causes[name] = "1, on elements with agreeing inputs"
         elif name.startswith("Adam update"):
-            if premise2 and abs_diff <= 0.05 * max_lr:
+            if premise2 and rel <= tol + own32:
+                causes[name] = "1: optax's float32 bias correction"
+            elif premise2 and abs_diff <= 0.05 * max_lr:
                 causes[name] = "2: rounding-level gradient elements, normalised by Adam"
         elif (name.startswith("parameters") and name.endswith("after the update")) or "(EMA" in name:
             if premise2 and abs_diff <= 0.05 * max_lr:
