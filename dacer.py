@@ -312,10 +312,18 @@ def haiku_linear(in_dim: int, out_dim: int) -> nn.Linear:
     return layer
 
 
+class Mish(nn.Module):
+    """x tanh(softplus(x)), written out as the official code writes it: on the CPU these three kernels take about half
+    the time of nn.Mish's fused one, forward and backward (which matters in the 20-step chain); nn.Mish on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mish(x) if x.is_cuda else x * torch.tanh(F.softplus(x))
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """in -> 3 x [Linear(hidden), Mish] -> Linear(out)."""
-    return nn.Sequential(haiku_linear(in_dim, hidden_dim), nn.Mish(), haiku_linear(hidden_dim, hidden_dim), nn.Mish(),
-                         haiku_linear(hidden_dim, hidden_dim), nn.Mish(), haiku_linear(hidden_dim, out_dim))
+    return nn.Sequential(haiku_linear(in_dim, hidden_dim), Mish(), haiku_linear(hidden_dim, hidden_dim), Mish(),
+                         haiku_linear(hidden_dim, hidden_dim), Mish(), haiku_linear(hidden_dim, out_dim))
 
 
 class QNetwork(nn.Module):
@@ -343,7 +351,7 @@ class Denoiser(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, time_dim: int, diffusion_steps: int):
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.time_mlp = nn.Sequential(haiku_linear(time_dim, 2 * time_dim), nn.Mish(), haiku_linear(2 * time_dim, time_dim))
+        self.time_mlp = nn.Sequential(haiku_linear(time_dim, 2 * time_dim), Mish(), haiku_linear(2 * time_dim, time_dim))
         self.net = mlp(obs_dim + act_dim + time_dim, hidden_dim, act_dim)
         self.register_buffer("time_features", sinusoidal_embedding(torch.arange(diffusion_steps), time_dim))  # [T, E]
 
@@ -413,16 +421,31 @@ def reverse_chain(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor,
     return x
 
 
+def noisy_actions(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, x: torch.Tensor,
+                  chain_noise: torch.Tensor, explore_noise: torch.Tensor, noise_std: torch.Tensor | float,
+                  backend: str = "torch") -> torch.Tensor:
+    """The reverse chain from x_T = x, plus noise_std * explore_noise, clipped: [N, S] -> [N, A] in [-1, 1].
+
+    x: [N, A]; chain_noise: [T, N, A] (see reverse_chain); explore_noise: [N, A]. Differentiable w.r.t. the denoiser
+    through all T steps (the policy loss needs it); wrap in no_grad otherwise."""
+    actions = reverse_chain(denoiser, schedule, obs, x, chain_noise, backend)
+    return (actions + noise_std * explore_noise).clamp(-1.0, 1.0)
+
+
+def draw_action_noise(n: int, act_dim: int, diffusion_steps: int, init_noise_scale: float,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of n actions: x_T = init_noise_scale * N(0, I) [n, A], chain noise [T, n, A], exploration
+    noise [n, A] (N(0, I), scaled by noise_std in noisy_actions)."""
+    x = init_noise_scale * torch.randn(n, act_dim, device=device)
+    chain = torch.randn(diffusion_steps, n, act_dim, device=device)
+    return x, chain, torch.randn(n, act_dim, device=device)
+
+
 def sample_actions(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, noise_std: torch.Tensor | float,
                    init_noise_scale: float, backend: str = "torch") -> torch.Tensor:
-    """One diffusion sample per state plus N(0, noise_std^2) exploration noise, clipped: [B, S] -> [B, A] in [-1, 1].
-
-    Differentiable w.r.t. the denoiser through all T steps (the policy loss needs it); wrap in no_grad otherwise."""
-    batch, act_dim = obs.shape[0], denoiser.act_dim
-    x = init_noise_scale * torch.randn(batch, act_dim, device=obs.device)
-    noise = torch.randn(schedule.T, batch, act_dim, device=obs.device)
-    actions = reverse_chain(denoiser, schedule, obs, x, noise, backend)
-    return (actions + noise_std * torch.randn_like(actions)).clamp(-1.0, 1.0)
+    """One diffusion sample per state plus N(0, noise_std^2) exploration noise, clipped: [B, S] -> [B, A] in [-1, 1]."""
+    draws = draw_action_noise(obs.shape[0], denoiser.act_dim, schedule.T, init_noise_scale, obs.device)
+    return noisy_actions(denoiser, schedule, obs, *draws, noise_std, backend)
 
 
 def dsac_critic_loss(q_mean: torch.Tensor, q_std: torch.Tensor, td_target: torch.Tensor, td_target_sample: torch.Tensor,
@@ -530,6 +553,91 @@ def update_actor(actor: Denoiser, optimizer: torch.optim.Optimizer, qf1: QNetwor
     actor_loss.backward(inputs=list(actor.parameters()))
     optimizer.step()
     return actor_loss.detach()
+
+
+def draw_update_noise(args: Args, act_dim: int, update_step: int, device: torch.device) -> dict:
+    """Every random draw of one update, drawn up front so the update itself is a function of its inputs (the parity
+    harness passes the official code's draws instead). Keys: "next" (the TD target's next action), "q1_z"/"q2_z"
+    ([B] return samples of the target critics), "entropy" (entropy_samples actions per batch state, only on alpha
+    updates) and "new" (the policy step's action, only on policy updates); each action entry is draw_action_noise's
+    triple."""
+    batch, steps, scale = args.batch_size, args.diffusion_steps, args.init_noise_scale
+    noise = {"next": draw_action_noise(batch, act_dim, steps, scale, device),
+             "q1_z": torch.randn(batch, device=device), "q2_z": torch.randn(batch, device=device)}
+    if update_step % args.alpha_frequency == 0:
+        noise["entropy"] = draw_action_noise(batch * args.entropy_samples, act_dim, steps, scale, device)
+    if update_step % args.policy_frequency == 0:
+        noise["new"] = draw_action_noise(batch, act_dim, steps, scale, device)
+    return noise
+
+
+def update(agent: dict, log_alpha: torch.Tensor, stats: dict[str, torch.Tensor], schedule: DDPMSchedule,
+           batch: tuple[torch.Tensor, ...], noise: dict, update_step: int, args: Args, target_entropy: float,
+           backend: str = "torch") -> dict[str, torch.Tensor]:
+    """One gradient update, the official jitted step's order: TD target, entropy estimate and policy loss from the
+    pre-update networks; then the critic step, the policy step (every policy_frequency updates), the target EMA
+    (same period) and the alpha step (every alpha_frequency updates, on the entropy just estimated).
+
+    agent: the nets ("actor", "qf1", "qf2", "qf1_target", "qf2_target") and optimizers ("q_optimizer",
+    "actor_optimizer", "alpha_optimizer"); stats: 0-d tensors "mean_q1_std", "mean_q2_std", "entropy", updated in
+    place; batch: (obs [B, S], next_obs [B, S], actions [B, A], rewards [B], dones [B]); noise: draw_update_noise's
+    draws. Returns the losses and statistics to log (0-d tensors)."""
+    actor, qf1, qf2 = agent["actor"], agent["qf1"], agent["qf2"]
+    b_obs, b_next_obs, b_actions, b_rewards, b_dones = batch
+    noise_std = args.noise_scale * log_alpha.detach().exp()
+    update_policy = update_step % args.policy_frequency == 0
+    update_alpha = update_step % args.alpha_frequency == 0
+    losses = {}
+    with torch.no_grad():  # the target and the entropy use the pre-update networks, as the official jitted step
+        next_actions = noisy_actions(actor, schedule, b_next_obs, *noise["next"], noise_std, backend)  # online policy
+        next_q1_mean, next_q1_std = agent["qf1_target"](b_next_obs, next_actions)
+        next_q2_mean, next_q2_std = agent["qf2_target"](b_next_obs, next_actions)
+        # a return sample of each target critic, z clipped to +-3; y_s follows the critic with the smaller mean
+        next_q1_sample = next_q1_mean + next_q1_std * noise["q1_z"].clamp(-3.0, 3.0)
+        next_q2_sample = next_q2_mean + next_q2_std * noise["q2_z"].clamp(-3.0, 3.0)
+        next_q_sample = torch.where(next_q1_mean < next_q2_mean, next_q1_sample, next_q2_sample)
+        not_done = args.gamma * (1.0 - b_dones)
+        td_target = args.reward_scale * b_rewards + not_done * torch.min(next_q1_mean, next_q2_mean)
+        td_target_sample = args.reward_scale * b_rewards + not_done * next_q_sample
+        if update_alpha:
+            # entropy_samples actions per batch state (with exploration noise and clip), one mixture fit per state
+            obs_rep = b_obs.repeat_interleave(args.entropy_samples, 0)  # [B*N, S]
+            samples = noisy_actions(actor, schedule, obs_rep, *noise["entropy"], noise_std, backend)
+            samples = samples.view(args.batch_size, args.entropy_samples, -1)  # [B, N, A]
+            stats["entropy"].copy_(estimate_entropy(samples, args.gmm_components, args.em_iterations, stats["entropy"]))
+
+    if update_policy:
+        # Backprop min(Q1, Q2) of the pre-update critics through all T denoising steps; no log-pi term.
+        new_actions = noisy_actions(actor, schedule, b_obs, *noise["new"], noise_std, backend)  # [B, A], with grad
+        losses["actor_loss"] = update_actor(actor, agent["actor_optimizer"], qf1, qf2, b_obs, new_actions)
+
+    qf1_a_values, qf1_a_std = qf1(b_obs, b_actions)
+    qf2_a_values, qf2_a_std = qf2(b_obs, b_actions)
+    qf1_loss, mean_q1_std = dsac_critic_loss(qf1_a_values, qf1_a_std, td_target, td_target_sample,
+                                             stats["mean_q1_std"], args.tau)
+    qf2_loss, mean_q2_std = dsac_critic_loss(qf2_a_values, qf2_a_std, td_target, td_target_sample,
+                                             stats["mean_q2_std"], args.tau)
+    agent["q_optimizer"].zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    agent["q_optimizer"].step()
+    stats["mean_q1_std"].copy_(mean_q1_std)
+    stats["mean_q2_std"].copy_(mean_q2_std)
+    if update_policy:
+        with torch.no_grad():  # target <- tau * online + (1 - tau) * target, from the just-updated critics
+            torch._foreach_lerp_([*agent["qf1_target"].parameters(), *agent["qf2_target"].parameters()],
+                                 [*qf1.parameters(), *qf2.parameters()], args.tau)
+
+    if update_alpha:
+        alpha_loss = -log_alpha * (target_entropy - stats["entropy"])
+        agent["alpha_optimizer"].zero_grad()
+        alpha_loss.backward()
+        agent["alpha_optimizer"].step()
+        losses["alpha_loss"] = alpha_loss.detach()
+    losses.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), qf1_values=qf1_a_values.detach().mean(),
+                  qf2_values=qf2_a_values.detach().mean(), qf1_std=qf1_a_std.detach().mean(),
+                  qf2_std=qf2_a_std.detach().mean(), mean_q1_std=mean_q1_std.detach(),
+                  mean_q2_std=mean_q2_std.detach(), entropy=stats["entropy"].clone())
+    return losses
 
 
 @torch.no_grad()
@@ -655,27 +763,26 @@ if __name__ == "__main__":
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
     target_entropy = args.target_entropy_scale * act_dim
     schedule = DDPMSchedule(vp_beta_schedule(args.diffusion_steps, args.vp_beta_min, args.vp_beta_max), device)
-    online_params = [*qf1.parameters(), *qf2.parameters()]
-    target_params = [*qf1_target.parameters(), *qf2_target.parameters()]
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     # DSAC-T running averages b of the critics' batch-mean std (-1 = not started) and the last entropy estimate
-    mean_q1_std, mean_q2_std = torch.tensor(-1.0, device=device), torch.tensor(-1.0, device=device)
-    entropy = torch.tensor(0.0, device=device)
+    stats = {"mean_q1_std": torch.tensor(-1.0, device=device), "mean_q2_std": torch.tensor(-1.0, device=device),
+             "entropy": torch.tensor(0.0, device=device)}
 
     def act(denoiser: Denoiser, obs: torch.Tensor, noise_std: torch.Tensor | float) -> torch.Tensor:
         return sample_actions(denoiser, schedule, obs, noise_std, args.init_noise_scale, backend)
 
-    # everything a checkpoint holds besides counters, alpha and RNG states (the replay buffer included)
-    stateful = {"actor": actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target,
-                "qf2_target": qf2_target, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer,
-                "alpha_optimizer": alpha_optimizer, "rb": rb}
+    # the nets and optimizers `update` steps; with the replay buffer, everything a checkpoint holds besides
+    # counters, alpha, stats and RNG states
+    agent = {"actor": actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target, "qf2_target": qf2_target,
+             "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer, "alpha_optimizer": alpha_optimizer}
+    stateful = {**agent, "rb": rb}
     global_step, update_step, eval_history = 0, 0, []
     if checkpoint:
         for name, module in stateful.items():
             module.load_state_dict(checkpoint[name])
         with torch.no_grad():
             log_alpha.copy_(checkpoint["log_alpha"])
-            for name, value in [("mean_q1_std", mean_q1_std), ("mean_q2_std", mean_q2_std), ("entropy", entropy)]:
+            for name, value in stats.items():
                 value.copy_(checkpoint[name])
         global_step, update_step, eval_history = checkpoint["global_step"], checkpoint["update_step"], checkpoint["eval"]
         set_rng_states(checkpoint["rng"])
@@ -698,7 +805,7 @@ if __name__ == "__main__":
 
     def checkpoint_state() -> dict:
         return {**{k: m.state_dict() for k, m in stateful.items()}, "log_alpha": log_alpha.detach().cpu(),
-                "mean_q1_std": mean_q1_std.cpu(), "mean_q2_std": mean_q2_std.cpu(), "entropy": entropy.cpu(),
+                **{name: value.cpu() for name, value in stats.items()},
                 "args": {**asdict(args), "resume": None}, "run_name": run_name, "global_step": global_step,
                 "update_step": update_step, "eval": eval_history, "rng": rng_states(),
                 "wall_seconds": prior_wall + time.time() - start_time}
@@ -742,55 +849,11 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: training.
         if rb.size >= args.learning_starts:
-            b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
-            noise_std = args.noise_scale * alpha
-            update_policy = update_step % args.policy_frequency == 0
-            with torch.no_grad():  # the target and the entropy use the pre-update networks, as the official jitted step
-                next_actions = act(actor, b_next_obs, noise_std)  # one sample of the online policy (no target policy)
-                next_q1_mean, next_q1_std = qf1_target(b_next_obs, next_actions)
-                next_q2_mean, next_q2_std = qf2_target(b_next_obs, next_actions)
-                # a return sample of each target critic, z clipped to +-3; y_s follows the critic with the smaller mean
-                next_q1_sample = next_q1_mean + next_q1_std * torch.randn_like(next_q1_mean).clamp(-3.0, 3.0)
-                next_q2_sample = next_q2_mean + next_q2_std * torch.randn_like(next_q2_mean).clamp(-3.0, 3.0)
-                next_q_sample = torch.where(next_q1_mean < next_q2_mean, next_q1_sample, next_q2_sample)
-                not_done = args.gamma * (1.0 - b_dones)
-                td_target = args.reward_scale * b_rewards + not_done * torch.min(next_q1_mean, next_q2_mean)
-                td_target_sample = args.reward_scale * b_rewards + not_done * next_q_sample
-                if update_step % args.alpha_frequency == 0:
-                    # 200 actions per batch state (with exploration noise and clip), one mixture fit per state
-                    obs_rep = b_obs.repeat_interleave(args.entropy_samples, 0)  # [B*N, S]
-                    samples = act(actor, obs_rep, noise_std).view(args.batch_size, args.entropy_samples, act_dim)
-                    entropy = estimate_entropy(samples, args.gmm_components, args.em_iterations, entropy)
-
-            if update_policy:
-                # Backprop min(Q1, Q2) of the pre-update critics through all T denoising steps; no log-pi term.
-                new_actions = act(actor, b_obs, noise_std)  # [B, A], differentiable w.r.t. the denoiser
-                losses["actor_loss"] = update_actor(actor, actor_optimizer, qf1, qf2, b_obs, new_actions)
-
-            qf1_a_values, qf1_a_std = qf1(b_obs, b_actions)
-            qf2_a_values, qf2_a_std = qf2(b_obs, b_actions)
-            qf1_loss, mean_q1_std = dsac_critic_loss(qf1_a_values, qf1_a_std, td_target, td_target_sample, mean_q1_std,
-                                                     args.tau)
-            qf2_loss, mean_q2_std = dsac_critic_loss(qf2_a_values, qf2_a_std, td_target, td_target_sample, mean_q2_std,
-                                                     args.tau)
-            q_optimizer.zero_grad()
-            (qf1_loss + qf2_loss).backward()
-            q_optimizer.step()
-            if update_policy:
-                with torch.no_grad():
-                    torch._foreach_lerp_(target_params, online_params, args.tau)
-
-            if update_step % args.alpha_frequency == 0:
-                alpha_loss = -log_alpha * (target_entropy - entropy)
-                alpha_optimizer.zero_grad()
-                alpha_loss.backward()
-                alpha_optimizer.step()
-                losses["alpha_loss"] = alpha_loss.detach()
+            batch = rb.sample(args.batch_size)
+            noise = draw_update_noise(args, act_dim, update_step, device)
+            losses.update(update(agent, log_alpha, stats, schedule, batch, noise, update_step, args, target_entropy,
+                                 backend))
             update_step += 1
-            losses.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), qf1_values=qf1_a_values.detach().mean(),
-                          qf2_values=qf2_a_values.detach().mean(), qf1_std=qf1_a_std.detach().mean(),
-                          qf2_std=qf2_a_std.detach().mean(), mean_q1_std=mean_q1_std, mean_q2_std=mean_q2_std,
-                          entropy=entropy)
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals; a status line also
         # every `status_interval` seconds, so that a slow run (Ant on a CPU: ~5 env steps/s) shows it is alive

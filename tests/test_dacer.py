@@ -222,6 +222,35 @@ def test_entropy_leaves_out_failed_fits_and_keeps_the_previous_estimate(monkeypa
     assert dacer.estimate_entropy(x[[0, 2]], 3, 10, torch.tensor(5.0)).item() == 5.0
 
 
+def test_init_matches_haiku_per_layer_std():
+    """hk.Linear's default init is TruncatedNormal(1/sqrt(fan_in)) = stddev * truncated_normal(-2, 2) with no rescale:
+    every weight lies within +-2/sqrt(fan_in) and has std 0.8796/sqrt(fan_in) (not 1/sqrt(fan_in)); biases are 0."""
+    phi2 = math.exp(-2.0) / math.sqrt(2 * math.pi)  # standard normal density at 2
+    mass = math.erf(2 / math.sqrt(2))  # P(|z| < 2)
+    truncated_std = math.sqrt(1 - 4 * phi2 / mass)
+    assert truncated_std == pytest.approx(0.8796, abs=1e-4)
+    torch.manual_seed(0)
+    weights = {}  # layer name -> all draws of that layer's weights, flattened
+    for _ in range(8):
+        nets = {"actor": dacer.Denoiser(17, 6, 256, 16, 20), "qf": dacer.QNetwork(17, 6, 256)}
+        for net_name, net in nets.items():
+            for name, module in net.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    assert (module.bias == 0).all(), (net_name, name)
+                    weights.setdefault(f"{net_name}.{name}", []).append(module.weight.detach().flatten().double())
+    assert len(weights) == 6 + 4  # the denoiser's time MLP (2) and main MLP (4), the critic's MLP (4)
+    for name, draws in weights.items():
+        w = torch.cat(draws)
+        fan_in = {"actor.time_mlp.0": 16, "actor.time_mlp.2": 32, "actor.net.0": 17 + 6 + 16, "qf.net.0": 17 + 6}.get(
+            name, 256)  # every other layer takes a 256-wide hidden layer
+        scaled = w * math.sqrt(fan_in)
+        assert scaled.abs().max() <= 2.0 + 1e-6, name  # truncated at +-2 std of the underlying normal
+        # 4 standard errors of a std estimate from n draws (the truncated normal's kurtosis is below the normal's 3)
+        tolerance = 4 * truncated_std / math.sqrt(2 * w.numel())
+        assert scaled.std().item() == pytest.approx(truncated_std, abs=tolerance), name
+        assert abs(scaled.mean().item()) < 4 * truncated_std / math.sqrt(w.numel()), name
+
+
 def test_actor_step_leaves_the_critics_gradients_alone():
     """update_actor's backward reaches only the denoiser: its gradients equal a full backward's, and the critics'
     .grad (here a sentinel the critic step would own) is not touched."""
