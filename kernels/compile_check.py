@@ -107,6 +107,42 @@ def _sass_counts(cubin: bytes) -> dict:
     return c
 
 
+def hoisted_across_step_loop(ttgir: str) -> dict:
+    """Tensors the compiler keeps live across the step loop (defined before the `scf.for ... to %T`, used inside):
+    -> {"full": [shapes of 2-D pointer/index tensors whose every element differs], "bcast": [shapes of broadcasts of
+    a row or column vector, which hold only a few distinct values per thread]}. "full" is what costs registers."""
+    lines = ttgir.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.search(r"scf\.for %\S+ = %\S+ to %T step", line)), None)
+    if start is None:
+        return {"full": [], "bcast": []}
+    depth, end = 0, start
+    for end in range(start, len(lines)):
+        depth += lines[end].count("{") - lines[end].count("}")
+        if depth <= 0 and end > start:
+            break
+    body = "\n".join(lines[start:end + 1])
+    res = {"full": [], "bcast": []}
+    level, levels = 0, []  # brace depth of each line: only definitions at the step loop's own level are visible in it
+    for line in lines[:start]:
+        levels.append(level)
+        level += line.count("{") - line.count("}")
+    for line, lv in zip(lines[:start], levels):
+        if lv != level:
+            continue
+        m = re.match(r"\s*(%[\w.]+)(?::\d+)? = (\S+)", line)
+        # the result type: after "->" for conversions, else the first type after " : " (tt.addptr's is the pointer)
+        rtype = line.split("->")[-1] if "->" in line else line.split(" : ", 1)[-1].split(", ")[0]
+        types = re.findall(r"tensor<([0-9x]+)x(!tt\.ptr<\w+>|i32|i64)", rtype)
+        if not m or not types:
+            continue
+        dims = [int(d) for d in types[-1][0].split("x")]
+        if len(dims) < 2 or min(dims) == 1 or not re.search(re.escape(m.group(1)) + r"\b", body):
+            continue
+        res["bcast" if m.group(2) == "tt.broadcast" else "full"].append("x".join(map(str, dims)) +
+                                                                        ("p" if "ptr" in types[-1][1] else "i"))
+    return res
+
+
 def compile_one(fn, args, kw, arch: int = 90, dump: str | None = None, tag: str = "") -> dict:
     """Compile fn for (args, kw) at the JIT's specialization; returns the row's measurements."""
     target = GPUTarget("cuda", arch, 32)
@@ -136,12 +172,13 @@ def compile_one(fn, args, kw, arch: int = 90, dump: str | None = None, tag: str 
     ttgir = k.asm["ttgir"]
     mma = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d)[^}]*warpsPerCTA = \[([0-9, ]+)\]", ttgir)))
     sass = _sass_counts(k.asm["cubin"])
+    hoisted = hoisted_across_step_loop(ttgir)
     kind = "wgmma" if sass["HGMMA"] else "mma.sync" if sass["HMMA"] else "none"
     return {"secs": secs, "regs": int(regs.group(1)) if regs else None, "spill": int(spill.group(1)) if spill else None,
             "stack": int(stack.group(1)) if stack else None,
             "smem": k.metadata.shared, "mma": kind,
             "warps": " ".join(f"v{v}[{w.replace(' ', '')}]" for v, w in mma) or "-",
-            "sass": sass, "key": (str(signature), str(constexprs), str(attrs), str(sorted(options.__dict__.items())))}
+            "sass": sass, "hoisted": hoisted, "key": (str(signature), str(constexprs), str(attrs), str(sorted(options.__dict__.items())))}
 
 
 def variants(precisions, hiddens, only):
@@ -154,7 +191,7 @@ def variants(precisions, hiddens, only):
 
 
 COLS = ["#", "precision", "H", "script", "T", "N", "kernel", "BM/warps/BN/BK", "compile s", "regs", "spill B", "stack B",
-        "smem B", "mma (warpsPerCTA)", "SASS total", "MMA", "UTMALDG", "LDGSTS", "LDG/STG", "LDL/STL", "BAR"]
+        "smem B", "2-D tensors live across T loop (full / broadcast)", "mma (warpsPerCTA)", "SASS total", "MMA", "UTMALDG", "LDGSTS", "LDG/STG", "LDL/STL", "BAR"]
 
 
 def main(argv=None) -> int:
@@ -198,7 +235,8 @@ def main(argv=None) -> int:
             s = r["sass"]
             secs = f"{r['secs']:.1f}" if first == row else f"= row {first}"
             print("| " + " | ".join(head + [
-                secs, str(r["regs"]), str(r["spill"]), str(r["stack"]), str(r["smem"]), f"{r['mma']} {r['warps']}", str(s["total"]),
+                secs, str(r["regs"]), str(r["spill"]), str(r["stack"]), str(r["smem"]),
+                f"{len(r['hoisted']['full'])} / {len(r['hoisted']['bcast'])}", f"{r['mma']} {r['warps']}", str(s["total"]),
                 str(s["HGMMA"] or s["HMMA"]), str(s["UTMALDG"]), str(s["LDGSTS"]), f"{s['LDG']}/{s['STG']}",
                 f"{s['LDL']}/{s['STL']}", str(s["BAR"])]) + " |", flush=True)
     return 1 if failures else 0

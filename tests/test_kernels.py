@@ -451,7 +451,8 @@ def test_compile_check_bf16_zero_spills_and_wgmma_for_large_batches():
     assert set(rows) == {4, 16384}, proc.stdout
     for n, cells in rows.items():
         assert cells[10] == "0" and cells[11] == "0", cells  # spill stores, stack frame
-        assert cells[13].startswith("wgmma" if n == 16384 else "mma.sync"), cells
+        assert cells[13].startswith("0 /"), cells  # no per-element pointer/index tensor live across the step loop
+        assert cells[14].startswith("wgmma" if n == 16384 else "mma.sync"), cells
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -574,3 +575,32 @@ def test_in_place_weight_update_before_backward_is_detected():
         w2.add_(1.0)  # e.g. an optimizer step between forward and backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+PLANTED_TTGIR = """
+  tt.func public @k() {
+    scf.for %n0 = %c0 to %c4 step %c1  : i32 {
+      %9 = tt.addptr %a, %b : tensor<16x32x!tt.ptr<f32>, #blocked>, tensor<16x32xi32, #blocked>
+    }
+    %5 = tt.addptr %p, %o : tensor<64x64x!tt.ptr<bf16>, #blocked>, tensor<64x64xi32, #blocked>
+    %6 = tt.broadcast %r : tensor<64x1x!tt.ptr<f32>, #blocked> -> tensor<64x32x!tt.ptr<f32>, #blocked>
+    %7 = tt.addptr %q, %o : tensor<8x8x!tt.ptr<bf16>, #blocked>, tensor<8x8xi32, #blocked>
+    scf.for %i = %c0_i32 to %T step %c1_i32  : i32 {
+      %8 = tt.load %5 : tensor<64x64x!tt.ptr<bf16>, #blocked>
+      %10 = tt.load %6 : tensor<64x32x!tt.ptr<f32>, #blocked>
+      %11 = tt.load %9 : tensor<16x32x!tt.ptr<f32>, #blocked>
+    }
+  }
+"""
+
+
+def test_compile_check_finds_a_tensor_kept_live_across_the_step_loop():
+    """The hoisting column is not vacuous: a per-element pointer tensor defined before the step loop and used in it
+    is reported as "full", a broadcast row vector as "bcast"; unused values and a sibling loop's values are not."""
+    code = ("import sys; sys.argv = ['x', '--list']\n"
+            "from kernels.compile_check import hoisted_across_step_loop\n"
+            f"print(hoisted_across_step_loop({PLANTED_TTGIR!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "{'full': ['64x64p'], 'bcast': ['64x32p']}", proc.stdout
