@@ -10,14 +10,18 @@ the time-bias table tb[t] = temb[t] @ W1t^T + b1 ([T, H]) is computed once per c
 so autograd carries its gradient to temb, W1t and b1. Per step the kernel then runs a K = A_PAD dot for layer 1,
 two H x H dots, and an N = A_PAD dot for layer 4.
 
-Tiling. A whole H x H fp32 weight (256 KiB for H = 256) does not fit in one SM's shared memory, so every layer is
-computed in BN-wide column chunks: chunk n of z = h[BM, H] @ W^T[H, n*BN:(n+1)*BN]; mish(z) of each chunk is written
-to a per-program scratch row block in global memory (L1/L2 resident), and after a CTA barrier the next layer reads
-the full [BM, H] activation back as its A operand. Two scratch buffers alternate between layers.
+Tiling (kernels/README.md, "Tiling"). A program owns BM rows; BM = 16 x num_warps, so every warp computes its own
+rows (one warp per 16 rows for small N, mma.sync; one warpgroup per 64 rows for N >= 4096, wgmma). A hidden layer is
+two dynamic loops: over BN-wide output chunks and, inside, over BK-wide K chunks, acc += act[BM, BK] @ W^T[BK, BN].
+The weight tiles come through tensor descriptors (TMA on Hopper, no per-element addresses in registers) and the
+activation tiles from a per-program scratch row block in global memory (L1/L2 resident); the compiler pipelines the
+K loop (num_stages), so the loads of the next tiles overlap the current dot. Loop bounds are dynamic, so no tile
+address is loop-invariant and nothing per-element is kept live across the step loop. mish(z) of each output chunk is
+stored to the other scratch buffer; a CTA barrier separates the layers.
 
-Precision. Dot operands are in the weights' dtype (fp32, fp16, bf16 on GPU, fp64 for gradcheck); accumulation,
-biases, the state projection and all DDPM arithmetic are fp32 (fp64 when the weights are fp64). fp32 dots use IEEE
-fp32 unless `torch.backends.cuda.matmul.allow_tf32` is set, mirroring what PyTorch's own matmul does.
+Precision. `precision` picks the dot operand dtype: "ieee" fp32 with IEEE dots, "tf32" fp32 with TF32 dots, "bf16";
+None follows the weights (fp32: TF32 iff torch.backends.cuda.matmul.allow_tf32; fp16; fp64 for gradcheck).
+Accumulation, biases, the state projection and all DDPM arithmetic are fp32 (fp64 with fp64 weights).
 
 Backward (kernels/README.md, "Design"). The training-mode forward stores x_t ([T, N, A]) and the three pre-activations z1..z3
 ([3, T, N, H]) to a workspace. `_chain_bwd_kernel` is row-parallel and walks t = 0 -> T-1 (the reverse of sampling):
@@ -340,11 +344,11 @@ def _config_gpu(N: int, H: int, dtype: torch.dtype) -> dict:
     """GPU block sizes (kernels/README.md, "Tiling"). Every warp owns its own 16 rows (mma.sync m16) or its quarter of
     a 64-row warpgroup tile (wgmma m64): BM = 16 x num_warps. Large N (>= 4096) takes one warpgroup per 64 rows, which
     is what makes Triton emit wgmma; small N keeps one warp per 16 rows so the rows spread over as many SMs as
-    possible (the chain is latency-bound there). Tile widths are the largest that compile without register spills
-    (kernels/README.md, compile table)."""
+    possible (the chain is latency-bound there). Tile widths come from a compile_check sweep: the widest tried that
+    compile without register spills for bf16 and fp32 operands (kernels/README.md, "Tiling")."""
     if N >= 4096:
-        return {"BM": 64, "num_warps": 4, "BN": min(64, H), "BK": 32, "num_stages": 3}
-    bk = 32 if dtype.itemsize <= 2 else 16
+        return {"BM": 64, "num_warps": 4, "BN": min(64, H), "BK": min(32, H), "num_stages": 3}
+    bk = min(32 if dtype.itemsize <= 2 else 16, H)
     if N > 2048:
         return {"BM": 32, "num_warps": 2, "BN": 16, "BK": bk, "num_stages": 2}
     return {"BM": 16, "num_warps": 1, "BN": 16, "BK": bk, "num_stages": 2}

@@ -15,7 +15,8 @@ ptxas that ships with the triton wheel, and one markdown row is printed per vari
   regs, spill  registers per thread and spill-store bytes (ptxas -v)
   smem         shared memory per CTA (bytes)
   mma          wgmma (SASS HGMMA), mma.sync (HMMA) or none (FFMA only), with the TTGIR warpsPerCTA of each MMA layout
-  SASS counts  static instruction counts of the whole cubin (the step loop is nearly all of it): total, MMA
+  live across   2-D pointer/index tensors the TTGIR keeps live across the step loop: per-element / broadcast
+  SASS counts  static instruction counts: the whole cubin, then inside the step loop (the loop over T): all, MMA
                instructions, TMA loads (UTMALDG), cp.async (LDGSTS), global loads/stores (LDG/STG), local-memory
                traffic (LDL/STL: spills), barriers (BAR)
 
@@ -92,18 +93,24 @@ def _launches(precision: str, H: int, T: int, N: int, pass_: str, rng: bool = Fa
 
 
 def _sass_counts(cubin: bytes) -> dict:
+    """Static SASS instruction counts. "total" is the whole kernel; the other counts are the step loop's: the
+    instructions between the target and the source of the longest backward branch (the loop over T contains every
+    other loop of the step). The short out-of-line stubs the loop jumps to (mbarrier wait spins) are not included."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
-    c = {"total": len(ops)}
-    for key, prefixes in (("HGMMA", ("HGMMA",)), ("HMMA", ("HMMA",)), ("FFMA", ("FFMA",)), ("UTMALDG", ("UTMALDG",)),
-                          ("LDGSTS", ("LDGSTS",)), ("LDG", ("LDG",)), ("STG", ("STG",)), ("LDL", ("LDL",)),
-                          ("STL", ("STL",)), ("BAR", ("BAR",))):
-        c[key] = sum(1 for o in ops if o.startswith(prefixes) and not (key == "LDG" and o.startswith("LDGSTS")))
+    instr = [(int(a, 16), op, rest) for a, op, rest in
+             re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
+    loops = [(addr, int(m.group(1), 16)) for addr, op, rest in instr if op.startswith("BRA")
+             for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) < addr]
+    lo, hi = max(loops, key=lambda b: b[0] - b[1])[::-1] if loops else (0, -1)
+    ops = [op for addr, op, _ in instr if lo <= addr <= hi]
+    c = {"total": len(instr), "loop": len(ops)}
+    for key in ("HGMMA", "HMMA", "FFMA", "UTMALDG", "LDGSTS", "LDG", "STG", "LDL", "STL", "BAR"):
+        c[key] = sum(1 for o in ops if o.startswith(key) and not (key == "LDG" and o.startswith("LDGSTS")))
     return c
 
 
@@ -191,7 +198,8 @@ def variants(precisions, hiddens, only):
 
 
 COLS = ["#", "precision", "H", "script", "T", "N", "kernel", "BM/warps/BN/BK", "compile s", "regs", "spill B", "stack B",
-        "smem B", "2-D tensors live across T loop (full / broadcast)", "mma (warpsPerCTA)", "SASS total", "MMA", "UTMALDG", "LDGSTS", "LDG/STG", "LDL/STL", "BAR"]
+        "smem B", "2-D tensors live across T loop (full / broadcast)", "mma (warpsPerCTA)", "SASS total", "step loop: instr", "MMA", "UTMALDG", "LDGSTS", "LDG/STG",
+        "LDL/STL", "BAR"]
 
 
 def main(argv=None) -> int:
@@ -236,7 +244,7 @@ def main(argv=None) -> int:
             secs = f"{r['secs']:.1f}" if first == row else f"= row {first}"
             print("| " + " | ".join(head + [
                 secs, str(r["regs"]), str(r["spill"]), str(r["stack"]), str(r["smem"]),
-                f"{len(r['hoisted']['full'])} / {len(r['hoisted']['bcast'])}", f"{r['mma']} {r['warps']}", str(s["total"]),
+                f"{len(r['hoisted']['full'])} / {len(r['hoisted']['bcast'])}", f"{r['mma']} {r['warps']}", str(s["total"]), str(s["loop"]),
                 str(s["HGMMA"] or s["HMMA"]), str(s["UTMALDG"]), str(s["LDGSTS"]), f"{s['LDG']}/{s['STG']}",
                 f"{s['LDL']}/{s['STL']}", str(s["BAR"])]) + " |", flush=True)
     return 1 if failures else 0
