@@ -128,15 +128,17 @@ def reference(case: dict, train: bool, device=None):
 
 
 def implementations(case: dict, precision: str, train: bool, device, with_compile: bool, with_fused: bool = True):
-    """name -> zero-argument callable returning (out, grads or None), each run in its precision mode."""
+    """name -> zero-argument callable returning (out, grads or None). The PyTorch implementations run in the
+    precision mode (allow_tf32 / autocast); the fused kernel gets `precision=` and nothing else."""
     layers = [(w.clone().requires_grad_(train), b.clone().requires_grad_(train)) for w, b in case["layers"]]
     params = [p for pair in layers for p in pair]
     state, x, temb, noise = case["inputs"]
     order, steps = case["order"], case["steps"]
 
-    def wrap(chain):
+    def wrap(chain, mode=True):
         def run():
-            with precision_mode(precision, device), torch.set_grad_enabled(train):
+            ctx = precision_mode(precision, device) if mode else contextlib.nullcontext()
+            with ctx, torch.set_grad_enabled(train):
                 out = chain()
                 if not train:
                     return out, None
@@ -149,7 +151,7 @@ def implementations(case: dict, precision: str, train: bool, device, with_compil
         impls["compile+graph"] = wrap(lambda: compiled(layers, state, x, temb, steps, noise, order))
     if with_fused:
         impls["fused"] = wrap(lambda: kernels.reverse_chain(layers, state, x, temb, case["betas"], order, noise=noise,
-                                                            clip=1.0, precision=precision))
+                                                            clip=1.0, precision=precision), mode=False)
     return impls
 
 

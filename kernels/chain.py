@@ -539,6 +539,11 @@ class _ReverseChainFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
+        with torch.autocast(gout.device.type, enabled=False):  # the weight-gradient GEMMs stay fp32
+            return _ReverseChainFn._backward(ctx, gout)
+
+    @staticmethod
+    def _backward(ctx, gout):
         p: _Problem = ctx.problem
         wsx, wsz, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef = ctx.saved_tensors
         p.tensors = (state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, None, None)
@@ -634,11 +639,14 @@ def reverse_chain(layers, state, x, temb, betas, order, noise=None, seed=None, c
     if N == 0:
         return x.new_zeros(0, A)
 
-    args, coef = _prepare(layers, cdtype, state, x, temb, betas, order, final_noise)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
-        return _ReverseChainFn.apply((clip, final_noise, prec), *args, coef, noise, seed)
-    p = _Problem(*(t.detach() for t in args), coef, noise, seed, clip, final_noise, prec)
-    return _forward(p, training=False)[0]
+    # An enclosing autocast must not re-type the PyTorch side (time-bias table, casts, weight-gradient GEMMs):
+    # `precision` alone decides the operand dtype.
+    with torch.autocast(dev.type, enabled=False):
+        args, coef = _prepare(layers, cdtype, state, x, temb, betas, order, final_noise)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+            return _ReverseChainFn.apply((clip, final_noise, prec), *args, coef, noise, seed)
+        p = _Problem(*(t.detach() for t in args), coef, noise, seed, clip, final_noise, prec)
+        return _forward(p, training=False)[0]
 
 
 def _prepare(layers, cdtype, state, x, temb, betas, order, final_noise):

@@ -604,3 +604,23 @@ def test_compile_check_finds_a_tensor_kept_live_across_the_step_loop():
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "{'full': ['64x64p'], 'bcast': ['64x32p']}", proc.stdout
+
+
+def test_an_enclosing_autocast_does_not_change_the_result():
+    """`precision` alone decides the operand dtype: under torch.autocast (as a script's bf16 loop would run) the
+    PyTorch-side ops of reverse_chain (time-bias table, weight-gradient GEMMs) stay fp32."""
+    order, S, A, E, H, T, N = "xts", 6, 2, 16, 32, 3, 9
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, "vp")
+    l32, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    outs, grads = [], []
+    for amp in (False, True):
+        lw = [(w.clone().requires_grad_(), b.clone().requires_grad_()) for w, b in l32]
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp):
+            out = kernels.reverse_chain(lw, s, xx, te, betas, order, noise=nz)
+        out.square().sum().backward()  # outside autocast, as PyTorch recommends for backward passes
+        outs.append(out.detach())
+        grads.append([p.grad for pair in lw for p in pair])
+    assert outs[1].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
