@@ -329,7 +329,7 @@ def _next_pow2(n: int) -> int:
 _CONFIG_OVERRIDE: dict | None = None
 
 
-def _config(N: int, H: int, dtype: torch.dtype) -> dict:
+def _config(N: int, H: int, dtype: torch.dtype, training: bool = False) -> dict:
     """Block sizes. Under the interpreter every tl op costs Python time per program, so blocks are larger there (fewer
     ops), but H is still split in two chunks so the chunk loops run more than once."""
     if _CONFIG_OVERRIDE is not None:
@@ -337,17 +337,18 @@ def _config(N: int, H: int, dtype: torch.dtype) -> dict:
     if _interpreting():
         c = max(16, H // 2)
         return {"BM": 16 if N <= 64 else 64, "BN": c, "BK": c, "num_warps": 4, "num_stages": 1}
-    return _config_gpu(N, H, dtype)
+    return _config_gpu(N, H, dtype, training)
 
 
-def _config_gpu(N: int, H: int, dtype: torch.dtype) -> dict:
+def _config_gpu(N: int, H: int, dtype: torch.dtype, training: bool = False) -> dict:
     """GPU block sizes (kernels/README.md, "Tiling"). Every warp owns its own 16 rows (mma.sync m16) or its quarter of
     a 64-row warpgroup tile (wgmma m64): BM = 16 x num_warps. Large N (>= 4096) takes one warpgroup per 64 rows, which
     is what makes Triton emit wgmma; small N keeps one warp per 16 rows so the rows spread over as many SMs as
     possible (the chain is latency-bound there). Tile widths come from a compile_check sweep: the widest tried that
     compile without register spills for bf16 and fp32 operands (kernels/README.md, "Tiling")."""
-    if N >= 4096:
-        return {"BM": 64, "num_warps": 4, "BN": min(64, H), "BK": min(32, H), "num_stages": 3}
+    if N >= 4096:  # the backward kernel needs narrower tiles than the forward to stay spill-free
+        bn, bk = (32, 16) if training else (64, 32)
+        return {"BM": 64, "num_warps": 4, "BN": min(bn, H), "BK": min(bk, H), "num_stages": 3}
     bk = min(32 if dtype.itemsize <= 2 else 16, H)
     if N > 2048:
         return {"BM": 32, "num_warps": 2, "BN": 16, "BK": bk, "num_stages": 2}
@@ -416,14 +417,15 @@ def _tma_ready(w: torch.Tensor) -> torch.Tensor:
 class _Problem:
     """Everything both kernels need, validated once per call."""
 
-    def __init__(self, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise, prec):
+    def __init__(self, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise, prec,
+                 training=False):
         self.N, self.S = state.shape
         self.A = x.shape[1]
         self.T, self.H = tb.shape
         self.dtype = w2.dtype
         self.acc = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.A_PAD = max(16, _next_pow2(self.A))  # >= 16: the K of layer 1 and N of layer 4 (GPU dot minimum)
-        cfg = _config(self.N, self.H, self.dtype)
+        cfg = _config(self.N, self.H, self.dtype, training)
         self.cfg = cfg
         self.BM, self.BN, self.BK, self.num_warps = cfg["BM"], cfg["BN"], cfg["BK"], cfg["num_warps"]
         self.num_stages = cfg.get("num_stages", 3)
@@ -530,7 +532,8 @@ class _ReverseChainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed):
         clip, final_noise, prec = meta
-        p = _Problem(state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise, prec)
+        p = _Problem(state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise, prec,
+                     training=True)
         out, (wsx, wsz) = _forward(p, training=True)
         ctx.problem = p
         p.tensors = None  # the backward rebuilds them from saved tensors (autograd's in-place version checks)

@@ -58,11 +58,12 @@ SHAPES = [
     ("qvpo", 20, 4, "sample"), ("qvpo", 20, 16384, "sample"),
     ("dacer", 20, 20, "sample"), ("dacer", 20, 256, "train"), ("dacer", 20, 51200, "sample"),
     ("diffusion_ql", 5, 256, "train"), ("diffusion_ql", 5, 12800, "sample"),
+    ("large_batch_train", 5, 12800, "train"),  # not a script call: the warpgroup tiling of the training kernels
 ]
 PRECISION_DTYPE = {"bf16": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32, "fp16": torch.float16}
 
 
-def _problem(precision: str, H: int, T: int, N: int, rng: bool) -> chain._Problem:
+def _problem(precision: str, H: int, T: int, N: int, rng: bool, training: bool) -> chain._Problem:
     """A `_Problem` as `reverse_chain` builds it for this call shape (uninitialised CPU tensors: nothing runs)."""
     dt = PRECISION_DTYPE[precision]
     W1 = torch.empty(H, S + A + E, dtype=dt)
@@ -76,13 +77,14 @@ def _problem(precision: str, H: int, T: int, N: int, rng: bool) -> chain._Proble
     seed = torch.zeros(1, dtype=torch.int64) if rng else None
     tb, coef = torch.empty(T, H), torch.empty(5, T)
     prec = {"bf16": "tf32", "fp16": "tf32", "tf32": "tf32", "ieee": "ieee"}[precision]
-    return chain._Problem(state, x, tb, W1s, W1x, W2, b, W3, b, W4, b4, coef, noise, seed, 1.0, False, prec)
+    return chain._Problem(state, x, tb, W1s, W1x, W2, b, W3, b, W4, b4, coef, noise, seed, 1.0, False, prec,
+                          training=training)
 
 
 def _launches(precision: str, H: int, T: int, N: int, pass_: str, rng: bool = False):
     """[(kernel name, fn, args, kwargs, cfg)] for one call: the forward, plus the backward for "train"."""
     training = pass_ == "train"
-    p = _problem(precision, H, T, N, rng)
+    p = _problem(precision, H, T, N, rng, training)
     grid, args, kw, out, ws = chain._forward_launch(p, training)
     res = [("fwd_train" if training else "fwd", chain._chain_fwd_kernel, args, kw, p.cfg)]
     if training:

@@ -41,7 +41,7 @@ def kernel_stats(case: dict, precision: str, train: bool) -> tuple[str, str]:
     name, cdtype, prec = chain._resolve_precision(precision, torch.float32)
     state, x, temb, noise = case["inputs"]
     args, coef = chain._prepare(case["layers"], cdtype, state, x, temb, case["betas"], case["order"], False)
-    p = chain._Problem(*(t.detach() for t in args), coef, noise, None, 1.0, False, prec)
+    p = chain._Problem(*(t.detach() for t in args), coef, noise, None, 1.0, False, prec, training=train)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     t0 = time.perf_counter()
     grid, a, kw, out, ws = chain._forward_launch(p, train)

@@ -363,8 +363,8 @@ def test_gpu_check_dry_runs_its_plumbing_on_cpu():
 # ----------------------------------------------------------------------------------------------------------------------
 # Tilings, precisions, auto choice
 # ----------------------------------------------------------------------------------------------------------------------
-GPU_CONFIGS = sorted({tuple(sorted(kernels.chain._config_gpu(n, 64, dt).items()))
-                      for n in (16, 3000, 16384) for dt in (torch.float32, torch.bfloat16)})
+GPU_CONFIGS = sorted({tuple(sorted(kernels.chain._config_gpu(n, 64, dt, tr).items()))
+                      for n in (16, 3000, 16384) for dt in (torch.float32, torch.bfloat16) for tr in (False, True)})
 
 
 @pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c))
