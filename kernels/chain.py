@@ -10,14 +10,18 @@ the time-bias table tb[t] = temb[t] @ W1t^T + b1 ([T, H]) is computed once per c
 so autograd carries its gradient to temb, W1t and b1. Per step the kernel then runs a K = A_PAD dot for layer 1,
 two H x H dots, and an N = A_PAD dot for layer 4.
 
-Tiling. A whole H x H fp32 weight (256 KiB for H = 256) does not fit in one SM's shared memory, so every layer is
-computed in BN-wide column chunks: chunk n of z = h[BM, H] @ W^T[H, n*BN:(n+1)*BN]; mish(z) of each chunk is written
-to a per-program scratch row block in global memory (L1/L2 resident), and after a CTA barrier the next layer reads
-the full [BM, H] activation back as its A operand. Two scratch buffers alternate between layers.
+Tiling (kernels/README.md, "Tiling"). A program owns BM rows; BM = 16 x num_warps, so every warp computes its own
+rows (one warp per 16 rows for small N, mma.sync; one warpgroup per 64 rows for N >= 4096, wgmma). A hidden layer is
+two dynamic loops: over BN-wide output chunks and, inside, over BK-wide K chunks, acc += act[BM, BK] @ W^T[BK, BN].
+The weight tiles come through tensor descriptors (TMA on Hopper, no per-element addresses in registers) and the
+activation tiles from a per-program scratch row block in global memory (L1/L2 resident); the compiler pipelines the
+K loop (num_stages), so the loads of the next tiles overlap the current dot. Loop bounds are dynamic, so no tile
+address is loop-invariant and nothing per-element is kept live across the step loop. mish(z) of each output chunk is
+stored to the other scratch buffer; a CTA barrier separates the layers.
 
-Precision. Dot operands are in the weights' dtype (fp32, fp16, bf16 on GPU, fp64 for gradcheck); accumulation,
-biases, the state projection and all DDPM arithmetic are fp32 (fp64 when the weights are fp64). fp32 dots use IEEE
-fp32 unless `torch.backends.cuda.matmul.allow_tf32` is set, mirroring what PyTorch's own matmul does.
+Precision. `precision` picks the dot operand dtype: "ieee" fp32 with IEEE dots, "tf32" fp32 with TF32 dots, "bf16";
+None follows the weights (fp32: TF32 iff torch.backends.cuda.matmul.allow_tf32; fp16; fp64 for gradcheck).
+Accumulation, biases, the state projection and all DDPM arithmetic are fp32 (fp64 with fp64 weights).
 
 Backward (kernels/README.md, "Design"). The training-mode forward stores x_t ([T, N, A]) and the three pre-activations z1..z3
 ([3, T, N, H]) to a workspace. `_chain_bwd_kernel` is row-parallel and walks t = 0 -> T-1 (the reverse of sampling):
@@ -34,6 +38,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .reference import ORDERS, ddpm_coefficients
 
@@ -61,44 +66,47 @@ def _mish_grad(z):
 
 
 @triton.jit
-def _dense_mish(h, w_ptr, w_s0, w_s1, b_ptr, out_buf, z_ptr, z_row0, rows, rmask, cols_h, cols_n,
-                H: tl.constexpr, BN: tl.constexpr, TRAINING: tl.constexpr, ACC_FP64: tl.constexpr, PREC: tl.constexpr):
-    """One hidden layer of the forward chain: out_buf[:, :H] = mish(h @ W^T + b), in BN-wide column chunks so one
-    [H, BN] chunk of W is the largest dot operand; in training mode the pre-activation z also goes to row
-    z_row0 + rows of the [*, H] workspace at z_ptr (rows is int64, so the offsets cannot overflow)."""
-    ACC = tl.float64 if ACC_FP64 else tl.float32
-    for n0 in tl.static_range(0, H, BN):
-        cn = n0 + cols_n
-        w = tl.load(w_ptr + cn[None, :] * w_s0 + cols_h[:, None] * w_s1)  # [H, BN] = W^T chunk
-        z = tl.dot(h, w, input_precision=PREC, out_dtype=ACC) + tl.load(b_ptr + cn).to(ACC)[None, :]
+def _dense_mish(src, w_desc, b_ptr, dst, z_ptr, zrow, rmask,
+                BM: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TRAINING: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr):
+    """One hidden layer of the forward chain: dst[:, :H] = mish(src[:, :H] @ W^T + b).
+
+    src / dst are [BM, 1] pointers to this program's rows of the activation scratch; W [H, H] is read through a tensor
+    descriptor in [BN, BK] tiles (TMA on Hopper: no per-element address registers). Both loops are dynamic, so no tile
+    address is loop-invariant and nothing is hoisted out of the step loop; the compiler pipelines the K loop (weight
+    and activation tiles for k + 1.. are in flight while the dot of k runs). In training mode the pre-activation z
+    also goes to row zrow of the [*, H] workspace at z_ptr."""
+    ck = tl.arange(0, BK)
+    cn = tl.arange(0, BN)
+    for n0 in range(0, H, BN):
+        acc = tl.zeros((BM, BN), dtype=ACC)
+        for k0 in range(0, H, BK):
+            a = tl.load(src + (k0 + ck)[None, :])  # [BM, BK] activations (scratch rows exist for every program row)
+            w = w_desc.load([n0, k0])  # [BN, BK] tile of W = a [BK, BN] tile of W^T
+            acc = tl.dot(a, w.T, acc, input_precision=PREC, out_dtype=ACC)
+        z = acc + tl.load(b_ptr + n0 + cn).to(ACC)[None, :]
         if TRAINING:
-            tl.store(z_ptr + (z_row0 + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
-        tl.store(out_buf + cn[None, :], _mish(z).to(out_buf.dtype.element_ty))
+            tl.store(z_ptr + zrow + (n0 + cn)[None, :], z, mask=rmask[:, None])
+        tl.store(dst + (n0 + cn)[None, :], _mish(z).to(dst.dtype.element_ty))
 
 
 @triton.jit
-def _dense_mish_backward(d, w_ptr, w_s0, w_s1, z_ptr, d_ptr, row0, rows, rmask, cols_h, cols_n,
-                         H: tl.constexpr, BN: tl.constexpr, ACC_FP64: tl.constexpr, PREC: tl.constexpr):
-    """One hidden layer of the chain backward: rows row0 + rows of the [*, H] workspace d_ptr get (d @ W) * mish'(z),
-    z read from the same rows at z_ptr, in BN-wide column chunks."""
-    ACC = tl.float64 if ACC_FP64 else tl.float32
-    for n0 in tl.static_range(0, H, BN):
-        cn = n0 + cols_n
-        w = tl.load(w_ptr + cols_h[:, None] * w_s0 + cn[None, :] * w_s1)  # [H_out, BN]
-        z = tl.load(z_ptr + (row0 + rows[:, None]) * H + cn[None, :], mask=rmask[:, None], other=0.0)
-        dz = tl.dot(d, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
-        tl.store(d_ptr + (row0 + rows[:, None]) * H + cn[None, :], dz, mask=rmask[:, None])
-
-
-@triton.jit
-def _row_block(N, BM: tl.constexpr, BN: tl.constexpr, H: tl.constexpr, A, A_PAD: tl.constexpr):
-    """Index vectors of this program's block of BM rows: global rows (int64) and their mask, the BN / H / A_PAD column
-    ranges, the action-column mask and the [BM, A_PAD] mask of x-shaped tiles."""
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < N
-    cols_a = tl.arange(0, A_PAD)
-    amask = cols_a < A
-    return rows, rmask, tl.arange(0, BN), tl.arange(0, H), cols_a, amask, rmask[:, None] & amask[None, :]
+def _dense_mish_backward(src, w_desc, z_ptr, dst, rmask, DT: tl.constexpr,
+                         BM: tl.constexpr, H: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         ACC: tl.constexpr, PREC: tl.constexpr):
+    """One hidden layer of the chain backward: dst = (src @ W) * mish'(z). src, z_ptr and dst are [BM, 1] pointers to
+    this program's rows of [*, H] workspace slabs (masked by rmask); W [H, H] is read in [BK, BN] tiles through a
+    tensor descriptor. Dynamic loops, as in the forward."""
+    ck = tl.arange(0, BK)
+    cn = tl.arange(0, BN)
+    for n0 in range(0, H, BN):
+        acc = tl.zeros((BM, BN), dtype=ACC)
+        for k0 in range(0, H, BK):
+            a = tl.load(src + (k0 + ck)[None, :], mask=rmask[:, None], other=0.0).to(DT)
+            w = w_desc.load([k0, n0])  # [BK, BN] tile of W (rows = layer outputs = K of this product)
+            acc = tl.dot(a, w, acc, input_precision=PREC, out_dtype=ACC)
+        z = tl.load(z_ptr + (n0 + cn)[None, :], mask=rmask[:, None], other=0.0)
+        tl.store(dst + (n0 + cn)[None, :], acc * _mish_grad(z), mask=rmask[:, None])
 
 
 @triton.jit
@@ -109,10 +117,10 @@ def _chain_fwd_kernel(
     seed_ptr,  # int64 [1] (unused when NOISE_FROM_PTR is True)
     tb_ptr,  # [T, H] contiguous, ACC dtype: temb[t] @ W1t^T + b1
     w1s_ptr, w1s_s0, w1s_s1,  # [H, S] view of W1
-    w1x_ptr, w1x_s0, w1x_s1,  # [H, A] view of W1
-    w2_ptr, w2_s0, w2_s1, b2_ptr,  # [H, H], [H]
-    w3_ptr, w3_s0, w3_s1, b3_ptr,  # [H, H], [H]
-    w4_ptr, w4_s0, w4_s1, b4_ptr,  # [A, H], [A]
+    w1x_desc,  # tensor descriptor over W1x zero-padded to [H, A_PAD] (block [BN, A_PAD])
+    w2_desc, b2_ptr,  # tensor descriptor over W2 [H, H] (block [BN, BK]), bias [H]
+    w3_desc, b3_ptr,
+    w4_desc, b4_ptr,  # tensor descriptor over W4 zero-padded to [A_PAD, H] (block [A_PAD, BK]), bias [A]
     coef_ptr,  # [5, T] contiguous, ACC dtype: rows sqrt(1/ac), sqrt(1/ac - 1), c1, c2, post_std
     out_ptr, out_s0, out_s1,  # [N, A] result
     hs_ptr,  # [2, G*BM, H] DT scratch for the layer activations (G = number of programs)
@@ -124,61 +132,66 @@ def _chain_fwd_kernel(
     HAS_CLIP: tl.constexpr, FINAL_NOISE: tl.constexpr, NOISE_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr,
     ACC_FP64: tl.constexpr, PREC: tl.constexpr,
 ):
-    DT = w2_ptr.dtype.element_ty
-    ACC = tl.float64 if ACC_FP64 else tl.float32
+    DT = hs_ptr.dtype.element_ty  # dot operand dtype
+    ACC: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     GBM = tl.num_programs(0) * BM
-    # rows: [BM] global rows; scratch rows are the same indices
-    rows, rmask, cols_n, cols_h, cols_a, amask, xa_mask = _row_block(N, BM, BN, H, A, A_PAD)
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # global rows = scratch rows
+    rmask = rows < N
+    cols_a = tl.arange(0, A_PAD)
+    amask = cols_a < A
+    xa_mask = rmask[:, None] & amask[None, :]
+    ck = tl.arange(0, BK)
+    cn = tl.arange(0, BN)
+    sp_rows = sp_ptr + rows[:, None] * H  # [BM, 1] row pointers; column offsets are added inside dynamic loops
+    buf0 = hs_ptr + rows[:, None] * H
+    buf1 = hs_ptr + GBM * H + rows[:, None] * H
 
     # ---- state projection sp = state @ W1s^T, once per row block (K-chunked over S, N-chunked over H) ----
-    for n0 in tl.static_range(0, H, BN):
-        cn = n0 + cols_n
+    for n0 in range(0, H, BN):
         acc = tl.zeros((BM, BN), dtype=ACC)
         for k0 in range(0, S, BK):
-            ks = k0 + tl.arange(0, BK)
+            ks = k0 + ck
             kmask = ks < S
             s = tl.load(state_ptr + rows[:, None] * st_s0 + ks[None, :] * st_s1,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w1s_ptr + cn[None, :] * w1s_s0 + ks[:, None] * w1s_s1, mask=kmask[:, None], other=0.0)
-            acc += tl.dot(s.to(DT), w, input_precision=PREC, out_dtype=ACC)
-        tl.store(sp_ptr + rows[:, None] * H + cn[None, :], acc)
+            w = tl.load(w1s_ptr + (n0 + cn)[None, :] * w1s_s0 + ks[:, None] * w1s_s1, mask=kmask[:, None], other=0.0)
+            acc = tl.dot(s.to(DT), w, acc, input_precision=PREC, out_dtype=ACC)
+        tl.store(sp_rows + (n0 + cn)[None, :], acc)
 
     x = tl.load(x_ptr + rows[:, None] * x_s0 + cols_a[None, :] * x_s1, mask=xa_mask, other=0.0).to(ACC)
     if not NOISE_FROM_PTR:
         seed = tl.load(seed_ptr)
-    buf0 = hs_ptr + rows[:, None] * H
-    buf1 = hs_ptr + GBM * H + rows[:, None] * H
     tl.debug_barrier()  # sp scratch visible to every thread of the CTA
 
     for i in range(T):
         t = T - 1 - i
         # ---- layer 1: z1 = x W1x^T + sp + tb[t] -> mish -> buf0 ----
         xd = x.to(DT)
-        for n0 in tl.static_range(0, H, BN):
-            cn = n0 + cols_n
-            w = tl.load(w1x_ptr + cn[None, :] * w1x_s0 + cols_a[:, None] * w1x_s1, mask=amask[:, None], other=0.0)
-            z = tl.dot(xd, w, input_precision=PREC, out_dtype=ACC)
-            z += tl.load(sp_ptr + rows[:, None] * H + cn[None, :])
-            z += tl.load(tb_ptr + t * H + cn)[None, :]
+        for n0 in range(0, H, BN):
+            c = n0 + cn
+            w = w1x_desc.load([n0, 0])  # [BN, A_PAD]; pad columns are zero
+            z = tl.dot(xd, w.T, input_precision=PREC, out_dtype=ACC)
+            z += tl.load(sp_rows + c[None, :])
+            z += tl.load(tb_ptr + t * H + c)[None, :]
             if TRAINING:
-                tl.store(wsz_ptr + ((0 * T + t) * N + rows[:, None]) * H + cn[None, :], z, mask=rmask[:, None])
-            tl.store(buf0 + cn[None, :], _mish(z).to(DT))
+                tl.store(wsz_ptr + ((0 * T + t) * N + rows[:, None]) * H + c[None, :], z, mask=rmask[:, None])
+            tl.store(buf0 + c[None, :], _mish(z).to(DT))
         tl.debug_barrier()
-        h = tl.load(buf0 + cols_h[None, :])
-        # ---- layers 2 and 3 -> buf1 -> buf0 ----
-        _dense_mish(h, w2_ptr, w2_s0, w2_s1, b2_ptr, buf1, wsz_ptr, (1 * T + t) * N, rows, rmask, cols_h, cols_n,
-                    H, BN, TRAINING, ACC_FP64, PREC)
+        # ---- layers 2 and 3: buf0 -> buf1 -> buf0 ----
+        _dense_mish(buf0, w2_desc, b2_ptr, buf1, wsz_ptr, ((1 * T + t) * N + rows[:, None]) * H, rmask,
+                    BM, H, BN, BK, TRAINING, ACC, PREC)
         tl.debug_barrier()
-        h = tl.load(buf1 + cols_h[None, :])
-        _dense_mish(h, w3_ptr, w3_s0, w3_s1, b3_ptr, buf0, wsz_ptr, (2 * T + t) * N, rows, rmask, cols_h, cols_n,
-                    H, BN, TRAINING, ACC_FP64, PREC)
+        _dense_mish(buf1, w3_desc, b3_ptr, buf0, wsz_ptr, ((2 * T + t) * N + rows[:, None]) * H, rmask,
+                    BM, H, BN, BK, TRAINING, ACC, PREC)
         tl.debug_barrier()
-        h = tl.load(buf0 + cols_h[None, :])
-        # ---- layer 4: eps [BM, A_PAD]; pad columns are exactly 0 (masked W4 rows and b4) ----
-        # W4^T [H, A_PAD] is re-read every step (L1/L2 hit) rather than held in registers across the loop
-        w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
-        b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
-        eps = tl.dot(h, w4, input_precision=PREC, out_dtype=ACC) + b4[None, :]
+        # ---- layer 4: eps [BM, A_PAD], K-chunked; pad columns are exactly 0 (masked W4 rows and b4) ----
+        eps = tl.zeros((BM, A_PAD), dtype=ACC)
+        for k0 in range(0, H, BK):
+            kk = k0 + ck
+            h = tl.load(buf0 + kk[None, :])
+            w4 = w4_desc.load([0, k0])  # [A_PAD, BK]; pad rows are zero
+            eps = tl.dot(h, w4.T, eps, input_precision=PREC, out_dtype=ACC)
+        eps += tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)[None, :]
         tl.debug_barrier()  # buf0 is rewritten by the next step's layer 1
 
         # ---- DDPM posterior step in ACC precision ----
@@ -215,10 +228,12 @@ def _chain_fwd_kernel(
 @triton.jit
 def _chain_bwd_kernel(
     gout_ptr, go_s0, go_s1,  # [N, A] dL/dx_out
-    w1x_ptr, w1x_s0, w1x_s1,
-    w2_ptr, w2_s0, w2_s1,
-    w3_ptr, w3_s0, w3_s1,
-    w4_ptr, w4_s0, w4_s1, b4_ptr,
+    w1x_desc,  # tensor descriptor over the zero-padded W1x [H, A_PAD] (block [BK, A_PAD])
+    w2_desc,  # tensor descriptor over W2 [H, H] (block [BK, BN])
+    w3_desc,
+    w4k_desc,  # tensor descriptors over the zero-padded W4 [A_PAD, H]: blocks [A_PAD, BK] and [A_PAD, BN]
+    w4n_desc,
+    b4_ptr,
     coef_ptr,
     wsx_ptr,  # [T, N, A] x_t
     wsz_ptr,  # [3, T, N, H] z1..z3
@@ -227,18 +242,31 @@ def _chain_bwd_kernel(
     dsp_ptr,  # [N, H] out: sum_t d1 = dL/d sp (zero-initialised)
     dx_ptr,  # [N, A] out: dL/dx_T
     N, A, T, clip_val,
-    H: tl.constexpr, A_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    H: tl.constexpr, A_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr, PREC: tl.constexpr,
 ):
-    DT = w2_ptr.dtype.element_ty
-    ACC = tl.float64 if ACC_FP64 else tl.float32
-    rows, rmask, cols_n, cols_h, cols_a, amask, xa_mask = _row_block(N, BM, BN, H, A, A_PAD)
+    DT = w2_desc.dtype
+    ACC: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < N
+    cols_a = tl.arange(0, A_PAD)
+    amask = cols_a < A
+    xa_mask = rmask[:, None] & amask[None, :]
+    ck = tl.arange(0, BK)
+    cn = tl.arange(0, BN)
+    slab = tl.cast(T, tl.int64) * N * H  # int64: 3 * slab passes 2^31 at T=20, H=512 from N ~ 70k rows
+    dsp_rows = dsp_ptr + rows[:, None] * H
 
     g = tl.load(gout_ptr + rows[:, None] * go_s0 + cols_a[None, :] * go_s1, mask=xa_mask, other=0.0).to(ACC)
 
     for t in range(T):  # sampling ran t = T-1 .. 0, so the gradient flows t = 0 .. T-1
-        zrow = (t * N + rows[:, None]) * H  # row offset inside one [T, N, H] slab
-        slab = tl.cast(T, tl.int64) * N * H  # int64: 3 * slab passes 2^31 at T=20, H=512 from N ~ 70k rows
+        zrow = (t * N + rows[:, None]) * H  # [BM, 1] row offsets inside one [T, N, H] slab
+        z1 = wsz_ptr + zrow
+        z2 = wsz_ptr + slab + zrow
+        z3 = wsz_ptr + 2 * slab + zrow
+        d1 = wsd_ptr + zrow
+        d2 = wsd_ptr + slab + zrow
+        d3 = wsd_ptr + 2 * slab + zrow
         xin = tl.load(wsx_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], mask=xa_mask, other=0.0)
         sra = tl.load(coef_ptr + 0 * T + t)
         srm1 = tl.load(coef_ptr + 1 * T + t)
@@ -246,11 +274,14 @@ def _chain_bwd_kernel(
         c2 = tl.load(coef_ptr + 3 * T + t)
         # x_out = c1 * clip(sra x - srm1 eps) + c2 x + std z  =>  g_x0 = c1 g * 1[|x0| <= clip]
         gx0 = c1 * g
-        if HAS_CLIP:
-            z3 = tl.load(wsz_ptr + 2 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0)
-            w4 = tl.load(w4_ptr + cols_a[None, :] * w4_s0 + cols_h[:, None] * w4_s1, mask=amask[None, :], other=0.0)
-            b4 = tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)
-            eps = tl.dot(_mish(z3).to(DT), w4, input_precision=PREC, out_dtype=ACC) + b4[None, :]
+        if HAS_CLIP:  # recompute eps = mish(z3) @ W4^T + b4 for the clip mask, K-chunked
+            eps = tl.zeros((BM, A_PAD), dtype=ACC)
+            for k0 in range(0, H, BK):
+                kk = k0 + ck
+                zk = tl.load(z3 + kk[None, :], mask=rmask[:, None], other=0.0)
+                w4 = w4k_desc.load([0, k0])  # [A_PAD, BK]
+                eps = tl.dot(_mish(zk).to(DT), w4.T, eps, input_precision=PREC, out_dtype=ACC)
+            eps += tl.load(b4_ptr + cols_a, mask=amask, other=0.0).to(ACC)[None, :]
             x0 = sra * xin - srm1 * eps
             gx0 = tl.where((x0 >= -clip_val) & (x0 <= clip_val), gx0, 0.0)
         gx = c2 * g + sra * gx0
@@ -258,30 +289,26 @@ def _chain_bwd_kernel(
         tl.store(wsd4_ptr + (t * N + rows[:, None]) * A + cols_a[None, :], d4, mask=xa_mask)
         # ---- layer 4 -> d3 = (d4 @ W4) * mish'(z3) ----
         d4d = d4.to(DT)
-        for n0 in tl.static_range(0, H, BN):
-            cn = n0 + cols_n
-            w = tl.load(w4_ptr + cols_a[:, None] * w4_s0 + cn[None, :] * w4_s1, mask=amask[:, None], other=0.0)
-            z = tl.load(wsz_ptr + 2 * slab + zrow + cn[None, :], mask=rmask[:, None], other=0.0)
+        for n0 in range(0, H, BN):
+            c = n0 + cn
+            w = w4n_desc.load([0, n0])  # [A_PAD, BN]
+            z = tl.load(z3 + c[None, :], mask=rmask[:, None], other=0.0)
             d = tl.dot(d4d, w, input_precision=PREC, out_dtype=ACC) * _mish_grad(z)
-            tl.store(wsd_ptr + 2 * slab + zrow + cn[None, :], d, mask=rmask[:, None])
+            tl.store(d3 + c[None, :], d, mask=rmask[:, None])
         tl.debug_barrier()
-        dfull = tl.load(wsd_ptr + 2 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
-        # ---- layer 3 -> d2 = (d3 @ W3) * mish'(z2) ----
-        _dense_mish_backward(dfull, w3_ptr, w3_s0, w3_s1, wsz_ptr + 1 * slab, wsd_ptr + 1 * slab, t * N,
-                             rows, rmask, cols_h, cols_n, H, BN, ACC_FP64, PREC)
+        # ---- layer 3 -> d2 = (d3 @ W3) * mish'(z2); layer 2 -> d1 = (d2 @ W2) * mish'(z1) ----
+        _dense_mish_backward(d3, w3_desc, z2, d2, rmask, DT, BM, H, BN, BK, ACC, PREC)
         tl.debug_barrier()
-        dfull = tl.load(wsd_ptr + 1 * slab + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0).to(DT)
-        # ---- layer 2 -> d1 = (d2 @ W2) * mish'(z1); dL/dsp += d1 (the state projection enters every step) ----
-        _dense_mish_backward(dfull, w2_ptr, w2_s0, w2_s1, wsz_ptr, wsd_ptr, t * N,
-                             rows, rmask, cols_h, cols_n, H, BN, ACC_FP64, PREC)
+        _dense_mish_backward(d2, w2_desc, z1, d1, rmask, DT, BM, H, BN, BK, ACC, PREC)
         tl.debug_barrier()
-        d1 = tl.load(wsd_ptr + zrow + cols_h[None, :], mask=rmask[:, None], other=0.0)
-        sp_ptrs = dsp_ptr + rows[:, None] * H + cols_h[None, :]
-        tl.store(sp_ptrs, tl.load(sp_ptrs, mask=rmask[:, None], other=0.0) + d1, mask=rmask[:, None])
-        dfull = d1.to(DT)
-        # ---- layer 1 -> dL/dx_t += d1 @ W1x ----
-        w1x = tl.load(w1x_ptr + cols_h[:, None] * w1x_s0 + cols_a[None, :] * w1x_s1, mask=amask[None, :], other=0.0)
-        gx += tl.dot(dfull, w1x, input_precision=PREC, out_dtype=ACC)
+        # ---- layer 1: dL/dsp += d1 (the state projection enters every step); dL/dx_t += d1 @ W1x ----
+        for k0 in range(0, H, BK):
+            kk = k0 + ck
+            dk = tl.load(d1 + kk[None, :], mask=rmask[:, None], other=0.0)
+            sp = dsp_rows + kk[None, :]
+            tl.store(sp, tl.load(sp, mask=rmask[:, None], other=0.0) + dk, mask=rmask[:, None])
+            w1x = w1x_desc.load([k0, 0])  # [BK, A_PAD]
+            gx = tl.dot(dk.to(DT), w1x, gx, input_precision=PREC, out_dtype=ACC)
         g = gx
 
     tl.store(dx_ptr + rows[:, None] * A + cols_a[None, :], g, mask=xa_mask)
@@ -298,28 +325,59 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _config(N: int, H: int, dtype: torch.dtype) -> dict:
-    """Block sizes. On a GPU, BN keeps one [H, BN] weight chunk well inside shared memory (H=512 fp32: 64 KiB).
-    Under the interpreter every tl op costs Python time per program, so blocks are larger there (fewer ops), but H
-    is still split in two chunks so the chunked code path is the one the tests exercise."""
+# Tests set this to a config dict to run the GPU tilings (or any other) through the interpreter.
+_CONFIG_OVERRIDE: dict | None = None
+
+
+def _config(N: int, H: int, dtype: torch.dtype, training: bool = False) -> dict:
+    """Block sizes. Under the interpreter every tl op costs Python time per program, so blocks are larger there (fewer
+    ops), but H is still split in two chunks so the chunk loops run more than once."""
+    if _CONFIG_OVERRIDE is not None:
+        return dict(_CONFIG_OVERRIDE)
     if _interpreting():
-        return {"BM": 16 if N <= 64 else 128, "BN": max(16, H // 2), "BK": 32, "num_warps": 4}
-    return _config_gpu(N, H, dtype)
+        c = max(16, H // 2)
+        return {"BM": 16 if N <= 64 else 64, "BN": c, "BK": c, "num_warps": 4, "num_stages": 1}
+    return _config_gpu(N, H, dtype, training)
 
 
-def _config_gpu(N: int, H: int, dtype: torch.dtype) -> dict:
-    """GPU block sizes (first choices, untuned: no GPU was available; see README)."""
-    bm = 16 if N <= 4096 else 32
-    bn = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
-    return {"BM": bm, "BN": min(bn, H), "BK": 32, "num_warps": 4}
+def _config_gpu(N: int, H: int, dtype: torch.dtype, training: bool = False) -> dict:
+    """GPU block sizes (kernels/README.md, "Tiling"). Every warp owns its own 16 rows (mma.sync m16) or its quarter of
+    a 64-row warpgroup tile (wgmma m64): BM = 16 x num_warps. Large N (>= 4096) takes one warpgroup per 64 rows, which
+    is what makes Triton emit wgmma; small N keeps one warp per 16 rows so the rows spread over as many SMs as
+    possible (the chain is latency-bound there). Tile widths come from a compile_check sweep: the widest tried that
+    compile without register spills for bf16 and fp32 operands (kernels/README.md, "Tiling")."""
+    if N >= 4096:  # the backward kernel needs narrower tiles than the forward to stay spill-free
+        bn, bk = (32, 16) if training else (64, 32)
+        return {"BM": 64, "num_warps": 4, "BN": min(bn, H), "BK": min(bk, H), "num_stages": 3}
+    bk = min(32 if dtype.itemsize <= 2 else 16, H)
+    if N > 2048:
+        return {"BM": 32, "num_warps": 2, "BN": 16, "BK": bk, "num_stages": 2}
+    return {"BM": 16, "num_warps": 1, "BN": 16, "BK": bk, "num_stages": 2}
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots: IEEE unless PyTorch's matmuls may use TF32. Other dtypes: Triton's default ("tf32", which only
-    affects fp32 operands), so fp16/bf16 dots compile exactly as they would without the argument."""
-    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not _interpreting()):
-        return "ieee"
-    return "tf32"
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def _resolve_precision(precision: str | None, wdtype: torch.dtype) -> tuple[str, torch.dtype, str]:
+    """-> (name, dot operand dtype, tl.dot input_precision).
+
+    None follows the weights: fp32 -> "tf32" if PyTorch's matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32)
+    else "ieee"; bf16 -> "bf16"; fp16 -> "fp16"; fp64 -> "fp64". "ieee" keeps fp64 weights in fp64 (gradcheck), all
+    others compute in fp32. The interpreter computes every fp32 dot exactly, so "tf32" there runs as "ieee"."""
+    if precision is None:
+        if wdtype == torch.float32:
+            precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _interpreting() else "ieee"
+        else:
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[wdtype]
+            return name, wdtype, "ieee" if wdtype == torch.float64 else "tf32"
+    if precision == "ieee":
+        dt = torch.float64 if wdtype == torch.float64 else torch.float32
+        return "ieee", dt, "ieee"
+    if precision == "tf32":
+        return "tf32", torch.float32, "ieee" if _interpreting() else "tf32"
+    if precision == "bf16":
+        return "bf16", torch.bfloat16, "tf32"  # input_precision is ignored for 16-bit operands
+    _fail(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
 
 
 _COEF_CACHE: dict = {}
@@ -348,27 +406,50 @@ def _compute_coef_table(betas: torch.Tensor, final_noise: bool, device, acc_dtyp
     return torch.stack([c["sqrt_recip_ac"], c["sqrt_recipm1_ac"], c["c1"], c["c2"], std]).to(acc_dtype).contiguous()
 
 
+def _tma_ready(w: torch.Tensor) -> torch.Tensor:
+    """A tensor descriptor needs a unit last stride and 16-byte aligned base and row stride; weights that are not
+    (strided views) are copied. Parameters are contiguous, so the scripts never pay for the copy."""
+    if w.stride(1) == 1 and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0:
+        return w
+    return w.contiguous() if w.data_ptr() % 16 == 0 or not w.is_contiguous() else w.clone()
+
+
 class _Problem:
     """Everything both kernels need, validated once per call."""
 
-    def __init__(self, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise):
+    def __init__(self, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise, prec,
+                 training=False):
         self.N, self.S = state.shape
         self.A = x.shape[1]
         self.T, self.H = tb.shape
         self.dtype = w2.dtype
         self.acc = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.A_PAD = max(16, _next_pow2(self.A))  # >= 16: the K of layer 1 and N of layer 4 (GPU dot minimum)
-        cfg = _config(self.N, self.H, self.dtype)
+        cfg = _config(self.N, self.H, self.dtype, training)
+        self.cfg = cfg
         self.BM, self.BN, self.BK, self.num_warps = cfg["BM"], cfg["BN"], cfg["BK"], cfg["num_warps"]
+        self.num_stages = cfg.get("num_stages", 3)
         assert self.A_PAD >= 16 and self.BK >= 16 and self.BN >= 16 and self.BM >= 16, "GPU tl.dot needs K >= 16"
+        assert self.H % self.BN == 0 and self.H % self.BK == 0
         self.grid = (triton.cdiv(self.N, self.BM),)
         self.tensors = (state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed)
+        # Zero-padded copies of the two thin weights ([H, A_PAD] and [A_PAD, H], a few KiB): tensor descriptors need
+        # 16-byte aligned rows (W1x is a column slice of W1), and the zero pad makes every tile load unmasked.
+        with torch.no_grad():
+            self.w1xp = torch.nn.functional.pad(w1x.detach(), (0, self.A_PAD - self.A)).contiguous()
+            self.w4p = torch.nn.functional.pad(w4.detach(), (0, 0, 0, self.A_PAD - self.A)).contiguous()
         self.clip = clip
         self.final_noise = final_noise
-        self.prec = _precision(self.dtype)
+        self.prec = prec
 
 
-def _forward(p: _Problem, training: bool):
+def _descriptor(w: torch.Tensor, block):
+    return TensorDescriptor.from_tensor(_tma_ready(w), list(block))
+
+
+def _forward_launch(p: _Problem, training: bool):
+    """-> (grid, args, kwargs, out, workspaces) of the forward kernel: everything `_chain_fwd_kernel[grid](*args,
+    **kwargs)` takes. kernels.compile_check compiles from exactly these arguments."""
     state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed = p.tensors
     dev = x.device
     gbm = p.grid[0] * p.BM
@@ -384,47 +465,63 @@ def _forward(p: _Problem, training: bool):
     nz = noise if from_ptr else x
     nz_strides = noise.stride() if from_ptr else (0, 0, 0)
     sd = seed if seed is not None else coef
-    _chain_fwd_kernel[p.grid](
+    args = (
         state, state.stride(0), state.stride(1),
         x, x.stride(0), x.stride(1),
         nz, *nz_strides,
         sd,
         tb,
         w1s, w1s.stride(0), w1s.stride(1),
-        w1x, w1x.stride(0), w1x.stride(1),
-        w2, w2.stride(0), w2.stride(1), b2,
-        w3, w3.stride(0), w3.stride(1), b3,
-        w4, w4.stride(0), w4.stride(1), b4,
+        _descriptor(p.w1xp, (p.BN, p.A_PAD)),
+        _descriptor(w2, (p.BN, p.BK)), b2,
+        _descriptor(w3, (p.BN, p.BK)), b3,
+        _descriptor(p.w4p, (p.A_PAD, p.BK)), b4,
         coef,
         out, out.stride(0), out.stride(1),
         hs, sp, wsx, wsz,
         p.N, p.S, p.A, p.T, float(p.clip if p.clip is not None else 0.0),
-        H=p.H, A_PAD=p.A_PAD, BM=p.BM, BN=p.BN, BK=p.BK,
-        HAS_CLIP=p.clip is not None, FINAL_NOISE=bool(p.final_noise), NOISE_FROM_PTR=from_ptr, TRAINING=training,
-        ACC_FP64=p.acc == torch.float64, PREC=p.prec, num_warps=p.num_warps,
     )
-    return out, ((wsx, wsz) if training else None)
+    kw = dict(H=p.H, A_PAD=p.A_PAD, BM=p.BM, BN=p.BN, BK=p.BK,
+              HAS_CLIP=p.clip is not None, FINAL_NOISE=bool(p.final_noise), NOISE_FROM_PTR=from_ptr,
+              TRAINING=training, ACC_FP64=p.acc == torch.float64, PREC=p.prec, num_warps=p.num_warps,
+              num_stages=p.num_stages)
+    return p.grid, args, kw, out, ((wsx, wsz) if training else None)
 
 
-def _backward(p: _Problem, gout: torch.Tensor, wsx: torch.Tensor, wsz: torch.Tensor):
+def _forward(p: _Problem, training: bool):
+    grid, args, kw, out, ws = _forward_launch(p, training)
+    _chain_fwd_kernel[grid](*args, **kw)
+    return out, ws
+
+
+def _backward_launch(p: _Problem, gout: torch.Tensor, wsx: torch.Tensor, wsz: torch.Tensor):
+    """-> (grid, args, kwargs, outputs) of the backward kernel (see `_forward_launch`)."""
     state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed = p.tensors
-    dev = x.device
+    dev = gout.device
     wsd = torch.empty_like(wsz)
     wsd4 = torch.empty(p.T, p.N, p.A, device=dev, dtype=p.acc)
     dsp = torch.zeros(p.N, p.H, device=dev, dtype=p.acc)
     dx = torch.empty(p.N, p.A, device=dev, dtype=p.acc)
-    _chain_bwd_kernel[p.grid](
+    args = (
         gout, gout.stride(0), gout.stride(1),
-        w1x, w1x.stride(0), w1x.stride(1),
-        w2, w2.stride(0), w2.stride(1),
-        w3, w3.stride(0), w3.stride(1),
-        w4, w4.stride(0), w4.stride(1), b4,
+        _descriptor(p.w1xp, (p.BK, p.A_PAD)),
+        _descriptor(w2, (p.BK, p.BN)),
+        _descriptor(w3, (p.BK, p.BN)),
+        _descriptor(p.w4p, (p.A_PAD, p.BK)),
+        _descriptor(p.w4p, (p.A_PAD, p.BN)),
+        b4,
         coef, wsx, wsz, wsd, wsd4, dsp, dx,
         p.N, p.A, p.T, float(p.clip if p.clip is not None else 0.0),
-        H=p.H, A_PAD=p.A_PAD, BM=p.BM, BN=p.BN,
-        HAS_CLIP=p.clip is not None, ACC_FP64=p.acc == torch.float64, PREC=p.prec, num_warps=p.num_warps,
     )
-    return wsd, wsd4, dsp, dx
+    kw = dict(H=p.H, A_PAD=p.A_PAD, BM=p.BM, BN=p.BN, BK=p.BK, HAS_CLIP=p.clip is not None,
+              ACC_FP64=p.acc == torch.float64, PREC=p.prec, num_warps=p.num_warps, num_stages=p.num_stages)
+    return p.grid, args, kw, (wsd, wsd4, dsp, dx)
+
+
+def _backward(p: _Problem, gout: torch.Tensor, wsx: torch.Tensor, wsz: torch.Tensor):
+    grid, args, kw, outs = _backward_launch(p, gout, wsx, wsz)
+    _chain_bwd_kernel[grid](*args, **kw)
+    return outs
 
 
 class _ReverseChainFn(torch.autograd.Function):
@@ -434,8 +531,9 @@ class _ReverseChainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed):
-        clip, final_noise = meta
-        p = _Problem(state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise)
+        clip, final_noise, prec = meta
+        p = _Problem(state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, noise, seed, clip, final_noise, prec,
+                     training=True)
         out, (wsx, wsz) = _forward(p, training=True)
         ctx.problem = p
         p.tensors = None  # the backward rebuilds them from saved tensors (autograd's in-place version checks)
@@ -444,6 +542,11 @@ class _ReverseChainFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
+        with torch.autocast(gout.device.type, enabled=False):  # the weight-gradient GEMMs stay fp32
+            return _ReverseChainFn._backward(ctx, gout)
+
+    @staticmethod
+    def _backward(ctx, gout):
         p: _Problem = ctx.problem
         wsx, wsz, state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef = ctx.saved_tensors
         p.tensors = (state, x, tb, w1s, w1x, w2, b2, w3, b3, w4, b4, coef, None, None)
@@ -483,14 +586,18 @@ def _fail(msg: str):
     raise ValueError(f"kernels.reverse_chain: {msg}")
 
 
-def reverse_chain(layers, state, x, temb, betas, order, noise=None, seed=None, clip=1.0, final_noise=False):
+def reverse_chain(layers, state, x, temb, betas, order, noise=None, seed=None, clip=1.0, final_noise=False,
+                  precision=None):
     """Runs the T-step DDPM reverse chain t = T-1 .. 0 of a 4-layer Mish MLP denoiser in one fused Triton launch.
 
     layers: 4 x (weight [out, in], bias [out]), in -> H -> H -> H -> A; state [N, S]; x [N, A] = x_T; temb [T, E];
     betas [T]; order "sxt" (cat[state, x_t, temb]) or "xts" (cat[x_t, temb, state]); noise [T, N, A] or None (then
     `seed`, an int64 device tensor, drives in-kernel Philox normals); clip: x0-hat clip or None; final_noise: add
-    post_std[0] * noise[0] at the last step. Returns [N, A] (not clipped). Differentiable w.r.t. layers, state, x and
-    temb when any of them requires grad and grad mode is on.
+    post_std[0] * noise[0] at the last step; precision: "ieee" (fp32 operands, IEEE dots), "tf32" (fp32 operands,
+    TF32 dots), "bf16" (bf16 operands) -- accumulation and the DDPM state are fp32 in all three -- or None (follow the
+    weights' dtype, see `_resolve_precision`). Weights are cast to the operand dtype (a differentiable cast), biases
+    are read in fp32. Returns [N, A] (not clipped). Differentiable w.r.t. layers, state, x and temb when any of them
+    requires grad and grad mode is on.
     """
     if order not in ORDERS:
         _fail(f"order must be one of {ORDERS}, got {order!r}")
@@ -516,11 +623,13 @@ def reverse_chain(layers, state, x, temb, betas, order, noise=None, seed=None, c
         _fail(f"unsupported weight dtype {dtype}")
     if any(t.dtype != dtype for pair in layers for t in pair):
         _fail("all layer weights and biases must share one dtype")
+    name, cdtype, prec = _resolve_precision(precision, dtype)
     dev = x.device
     if dev.type == "cpu" and not _interpreting():
         _fail("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton/kernels")
-    if dtype == torch.bfloat16 and _interpreting():
-        _fail("bf16 is computed wrongly by Triton's interpreter; use fp32/fp16 on CPU, bf16 on a GPU")
+    if cdtype == torch.bfloat16 and _interpreting():
+        _fail("bf16 is computed wrongly by Triton's interpreter; use precision 'ieee' or 'tf32' on CPU, "
+              "'bf16' on a GPU")
     if noise is None:
         if seed is None or not torch.is_tensor(seed) or seed.numel() != 1 or seed.dtype != torch.int64:
             _fail("noise=None needs seed= a one-element int64 tensor on the device")
@@ -533,17 +642,29 @@ def reverse_chain(layers, state, x, temb, betas, order, noise=None, seed=None, c
     if N == 0:
         return x.new_zeros(0, A)
 
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # An enclosing autocast must not re-type the PyTorch side (time-bias table, casts, weight-gradient GEMMs):
+    # `precision` alone decides the operand dtype.
+    with torch.autocast(dev.type, enabled=False):
+        args, coef = _prepare(layers, cdtype, state, x, temb, betas, order, final_noise)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+            return _ReverseChainFn.apply((clip, final_noise, prec), *args, coef, noise, seed)
+        p = _Problem(*(t.detach() for t in args), coef, noise, seed, clip, final_noise, prec)
+        return _forward(p, training=False)[0]
+
+
+def _prepare(layers, cdtype, state, x, temb, betas, order, final_noise):
+    """-> the kernel-side tensors (state, x, tb, W1s, W1x, W2, b2, W3, b3, W4, b4) and the coefficient table."""
+    (W1, b1), (W2, b2), (W3, b3), (W4, b4) = layers
+    S, A, E = state.shape[1], x.shape[1], temb.shape[1]
+    acc = torch.float64 if cdtype == torch.float64 else torch.float32
+    if W2.dtype != cdtype:  # differentiable casts: autograd takes the gradients back to the caller's dtype
+        W1, W2, W3, W4 = (w.to(cdtype) for w in (W1, W2, W3, W4))
     if order == "sxt":
         W1s, W1x, W1t = W1[:, :S], W1[:, S:S + A], W1[:, S + A:]
     else:
         W1x, W1t, W1s = W1[:, :A], W1[:, A:A + E], W1[:, A + E:]
     # [T, H] time-bias table, in PyTorch so autograd owns its gradient (temb, W1t, b1).
     tb = torch.addmm(b1.to(acc), temb.to(acc), W1t.to(acc).t()).contiguous()
-    coef = _coef_table(betas, final_noise, dev, acc)
+    coef = _coef_table(betas, final_noise, x.device, acc)
     b2, b3, b4 = b2.contiguous(), b3.contiguous(), b4.contiguous()  # the kernels read biases with unit stride
-    args = (state, x, tb, W1s, W1x, W2, b2, W3, b3, W4, b4)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
-        return _ReverseChainFn.apply((clip, final_noise), *args, coef, noise, seed)
-    p = _Problem(*(t.detach() for t in args), coef, noise, seed, clip, final_noise)
-    return _forward(p, training=False)[0]
+    return (state, x, tb, W1s, W1x, W2, b2, W3, b3, W4, b4), coef

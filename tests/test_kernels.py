@@ -300,15 +300,159 @@ def test_import_works_without_gpu_in_a_fresh_process():
 # Benchmark (runs at tiny sizes; no timing asserts)
 # ----------------------------------------------------------------------------------------------------------------------
 def test_bench_tiny_prints_one_table():
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--tiny", "--skip-compile", "--reps", "1"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--tiny"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for col in ("eager", "compile", "cuda graph", "compile+graph", "fused"):
+    for col in ("gpu us", "wall us", "max err", "| loop ", "| fused "):
         assert col in out.lower(), out
-    assert "forward" in out and "train" in out
+    assert "sample" in out and "train" in out
+    rows = [line for line in out.splitlines() if line.startswith("| sample") or line.startswith("| train")]
+    assert len(rows) == 4, out
+    for row in rows:  # the error column holds numbers, and they are small (fp32 vs fp64 of the same network)
+        errs = [float(v) for v in row.split("|")[-2].split("/")]
+        assert all(e < 1e-5 for e in errs), row
+
+
+def test_bench_error_column_reports_a_planted_difference():
+    from kernels import bench
+
+    ref_out, ref_g = torch.zeros(3, 2, dtype=torch.float64), [torch.ones(4, dtype=torch.float64)]
+    assert bench.errors((ref_out.float(), None), (ref_out, None)) == "0.0e+00"
+    planted = ref_out.clone()
+    planted[1, 1] = 2.5e-3
+    assert bench.errors((planted, None), (ref_out, None)) == "2.5e-03"
+    g = [torch.tensor([1.0, 1.0, 1.0, 1.2])]  # relative L2 error 0.2 / 2 = 0.1
+    assert bench.errors((ref_out, g), (ref_out, ref_g)) == "0.0e+00 / 1.0e-01"
+
+
+@pytest.mark.parametrize("script,order", [("sdac", "sxt"), ("diffusion_ql", "xts")])
+def test_bench_loop_is_the_scripts_own_pytorch_chain(script, order):
+    """kernels.bench's baseline must be the scripts' `backend="torch"` chain, not a naive cat + Linear loop."""
+    mod = pytest.importorskip(script)
+    from kernels import bench
+
+    torch.manual_seed(0)
+    S, A, T, N = 7, 3, 4, 9
+    den = mod.Denoiser(S, A, 32, 16, T)
+    betas = linear_betas(T) if script == "sdac" else vp_betas(T)
+    sched = mod.DDPMSchedule(betas, torch.device("cpu"))
+    obs, x, noise = torch.randn(N, S), torch.randn(N, A), torch.randn(T, N, A)
+    with torch.no_grad():
+        want = mod.reverse_chain(den, sched, obs, x, noise, backend="torch")
+        temb = den.time_mlp(den.time_features)
+        layers = [(m.weight, m.bias) for m in den.net if isinstance(m, torch.nn.Linear)]
+        c = ddpm_coefficients(betas)
+        steps = list(zip(*(c[k].tolist() for k in ("sqrt_recip_ac", "sqrt_recipm1_ac", "c1", "c2", "post_std"))))
+        got = bench.torch_chain(layers, obs, x, temb, steps, noise, order)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_check_dry_runs_its_plumbing_on_cpu():
+    proc = subprocess.run([sys.executable, "-m", "kernels.gpu_check", "--dry"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ieee") or line.startswith("| tf32")]
+    assert len(rows) == 4, proc.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        fused, loop = cells[8], cells[9]
+        assert all(float(v) < 1e-5 for v in fused.split("/") + loop.split("/")), row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tilings, precisions, auto choice
+# ----------------------------------------------------------------------------------------------------------------------
+GPU_CONFIGS = sorted({tuple(sorted(kernels.chain._config_gpu(n, 64, dt, tr).items()))
+                      for n in (16, 3000, 16384) for dt in (torch.float32, torch.bfloat16) for tr in (False, True)})
+
+
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c))
+def test_gpu_tilings_in_the_interpreter(cfg, monkeypatch):
+    """Every block configuration the GPU uses (BM/warps per N class, BN/BK per dtype), forced onto the interpreter:
+    forward in fp32 (ratio rule) and the backward in fp64 against autograd through the reference. N is not a multiple
+    of BM, and H = 64 gives several chunks in both loops."""
+    monkeypatch.setattr(kernels.chain, "_CONFIG_OVERRIDE", dict(cfg))
+    order, S, A, E, H, T, N = "xts", 9, 3, 16, 64, 3, 37
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, "vp")
+    ref64 = reverse_chain_reference(layers, state, x, temb, betas, order, noise=noise, clip=1.0)
+    l32, (s32, x32, t32, n32) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    ref32 = reverse_chain_reference(l32, s32, x32, t32, betas, order, noise=n32, clip=1.0)
+    _ratio_check(kernels.reverse_chain(l32, s32, x32, t32, betas, order, noise=n32, clip=1.0), ref64, ref32, 1e-5)
+    flat = [t.clone().requires_grad_() for pair in layers for t in pair]
+    pairs = [(flat[2 * i], flat[2 * i + 1]) for i in range(4)]
+    go = torch.randn(N, A, dtype=torch.float64)
+    g_k = torch.autograd.grad(kernels.reverse_chain(pairs, state, x, temb, betas, order, noise=noise), flat, go)
+    g_r = torch.autograd.grad(reverse_chain_reference(pairs, state, x, temb, betas, order, noise=noise), flat, go)
+    for a, b in zip(g_k, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_precision_paths_on_the_interpreter():
+    """"ieee" casts other weight dtypes to fp32; "tf32" runs as exact fp32 on the interpreter (documented fallback: it
+    has no TF32); "bf16" is refused there (the interpreter computes bf16 wrongly); anything else is an error."""
+    order, S, A, E, H, T, N = "sxt", 6, 2, 16, 32, 3, 11
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, "linear")
+    l32, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    base = kernels.reverse_chain(l32, s, xx, te, betas, order, noise=nz)
+    torch.testing.assert_close(kernels.reverse_chain(l32, s, xx, te, betas, order, noise=nz, precision="ieee"), base,
+                               rtol=0, atol=0)
     if not CUDA:
-        assert "n/a (no GPU)" in out
+        torch.testing.assert_close(kernels.reverse_chain(l32, s, xx, te, betas, order, noise=nz, precision="tf32"),
+                                   base, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="bf16"):
+            kernels.reverse_chain(l32, s, xx, te, betas, order, noise=nz, precision="bf16")
+    # fp16 weights with precision "ieee": computed from the fp16 values in fp32, gradients come back in fp16
+    l16 = [(w.half().requires_grad_(), b.half().requires_grad_()) for w, b in l32]
+    out = kernels.reverse_chain(l16, s, xx, te, betas, order, noise=nz, precision="ieee")
+    ref = reverse_chain_reference([(w.detach().double(), b.detach().double()) for w, b in l16], s.double(),
+                                  xx.double(), te.double(), betas, order, noise=nz.double())
+    assert (out.double() - ref).abs().max() < 1e-5
+    out.sum().backward()
+    assert l16[1][0].grad.dtype == torch.float16 and torch.isfinite(l16[1][0].grad.float()).all()
+    with pytest.raises(ValueError, match="precision"):
+        kernels.reverse_chain(l32, s, xx, te, betas, order, noise=nz, precision="fp8")
+
+
+def test_prefer_triton_needs_a_recorded_gpu_measurement(monkeypatch):
+    from kernels import measured
+
+    cuda = torch.device("cuda")
+    assert measured.MEASURED == []  # nothing measured on a GPU yet: auto is PyTorch everywhere
+    monkeypatch.setattr(measured, "_device_name", lambda d: "NVIDIA H100 80GB HBM3")
+    assert not kernels.prefer_triton(cuda, 256, "tf32")
+    assert not kernels.prefer_triton(torch.device("cpu"), 256, "tf32")
+    monkeypatch.setattr(measured, "MEASURED", [{"device": "NVIDIA H100 80GB HBM3", "hidden": 256, "precision": "tf32",
+                                                "speedup": 1.8, "date": "2026-01-01", "command": "gpu_check"},
+                                               {"device": "NVIDIA H100 80GB HBM3", "hidden": 512, "precision": "bf16",
+                                                "speedup": 0.7, "date": "2026-01-01", "command": "gpu_check"}])
+    assert kernels.prefer_triton(cuda, 256, "tf32")
+    assert kernels.prefer_triton("cuda:0", 256, "tf32")
+    assert not kernels.prefer_triton(cuda, 512, "tf32")  # other width
+    assert not kernels.prefer_triton(cuda, 256, "bf16")  # other precision
+    assert not kernels.prefer_triton(cuda, 512, "bf16")  # measured, but slower
+    assert not kernels.prefer_triton(torch.device("cpu"), 256, "tf32")
+    monkeypatch.setattr(measured, "_device_name", lambda d: "NVIDIA A100-SXM4-80GB")
+    assert not kernels.prefer_triton(cuda, 256, "tf32")  # other GPU model
+
+
+def test_compile_check_bf16_zero_spills_and_wgmma_for_large_batches():
+    """The sm_90 compile at the JIT's specialization (no GPU needed): QVPO's two call shapes in bf16 at H 256 compile
+    without spilling, the 16 384-row call with wgmma and the 4-row call with mma.sync."""
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--precision", "bf16", "--hidden", "256",
+                           "--only", "qvpo"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 14 and cells[0].isdigit():
+            rows[int(cells[5])] = cells
+    assert set(rows) == {4, 16384}, proc.stdout
+    for n, cells in rows.items():
+        assert cells[10] == "0" and cells[11] == "0", cells  # spill stores, stack frame
+        assert cells[13].startswith("0 /"), cells  # no per-element pointer/index tensor live across the step loop
+        assert cells[14].startswith("wgmma" if n == 16384 else "mma.sync"), cells
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -431,3 +575,52 @@ def test_in_place_weight_update_before_backward_is_detected():
         w2.add_(1.0)  # e.g. an optimizer step between forward and backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+PLANTED_TTGIR = """
+  tt.func public @k() {
+    scf.for %n0 = %c0 to %c4 step %c1  : i32 {
+      %9 = tt.addptr %a, %b : tensor<16x32x!tt.ptr<f32>, #blocked>, tensor<16x32xi32, #blocked>
+    }
+    %5 = tt.addptr %p, %o : tensor<64x64x!tt.ptr<bf16>, #blocked>, tensor<64x64xi32, #blocked>
+    %6 = tt.broadcast %r : tensor<64x1x!tt.ptr<f32>, #blocked> -> tensor<64x32x!tt.ptr<f32>, #blocked>
+    %7 = tt.addptr %q, %o : tensor<8x8x!tt.ptr<bf16>, #blocked>, tensor<8x8xi32, #blocked>
+    scf.for %i = %c0_i32 to %T step %c1_i32  : i32 {
+      %8 = tt.load %5 : tensor<64x64x!tt.ptr<bf16>, #blocked>
+      %10 = tt.load %6 : tensor<64x32x!tt.ptr<f32>, #blocked>
+      %11 = tt.load %9 : tensor<16x32x!tt.ptr<f32>, #blocked>
+    }
+  }
+"""
+
+
+def test_compile_check_finds_a_tensor_kept_live_across_the_step_loop():
+    """The hoisting column is not vacuous: a per-element pointer tensor defined before the step loop and used in it
+    is reported as "full", a broadcast row vector as "bcast"; unused values and a sibling loop's values are not."""
+    code = ("import sys; sys.argv = ['x', '--list']\n"
+            "from kernels.compile_check import hoisted_across_step_loop\n"
+            f"print(hoisted_across_step_loop({PLANTED_TTGIR!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "{'full': ['64x64p'], 'bcast': ['64x32p']}", proc.stdout
+
+
+def test_an_enclosing_autocast_does_not_change_the_result():
+    """`precision` alone decides the operand dtype: under torch.autocast (as a script's bf16 loop would run) the
+    PyTorch-side ops of reverse_chain (time-bias table, weight-gradient GEMMs) stay fp32."""
+    order, S, A, E, H, T, N = "xts", 6, 2, 16, 32, 3, 9
+    layers, state, x, temb, noise, betas = _problem(S, A, E, H, T, N, "vp")
+    l32, (s, xx, te, nz) = _cast(layers, state, x, temb, noise, dtype=torch.float32)
+    outs, grads = [], []
+    for amp in (False, True):
+        lw = [(w.clone().requires_grad_(), b.clone().requires_grad_()) for w, b in l32]
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp):
+            out = kernels.reverse_chain(lw, s, xx, te, betas, order, noise=nz)
+        out.square().sum().backward()  # outside autocast, as PyTorch recommends for backward passes
+        outs.append(out.detach())
+        grads.append([p.grad for pair in lw for p in pair])
+    assert outs[1].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
