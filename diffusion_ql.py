@@ -113,9 +113,9 @@ class Args:
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """reverse-chain backend: fused Triton kernels (kernels/), plain PyTorch, or auto (Triton only where kernels/
     records a measured GPU speed-up for this configuration, else PyTorch)"""
-    precision: Literal["ieee", "tf32", "bf16"] = "ieee"
-    """float32 matmuls on a GPU (no effect on a CPU): ieee, as PyTorch computes them (the official runs), tf32, or
-    bf16 (tf32, and bf16 operands with fp32 accumulation for the reverse chain's dots)"""
+    precision: Literal["ieee", "tf32"] = "ieee"
+    """float32 matmuls on a GPU, the fused chain's included (no effect on a CPU): ieee, as PyTorch computes them (the
+    official runs), or tf32"""
     log_frequency: int = 1_000
     """gradient steps between status lines and TensorBoard loss scalars"""
     status_interval: float = 30.0
@@ -790,8 +790,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cuda":  # tf32 and bf16 let float32 matmuls use TF32 tensor cores (JAX's default on GPUs)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "ieee"
+    if device.type == "cuda":  # tf32: float32 matmuls on TF32 tensor cores (JAX's default on GPUs)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     precision = args.precision if device.type == "cuda" else "ieee"  # a CPU computes float32 matmuls in IEEE fp32
     backend = resolve_backend(args.kernels, device, args.hidden_dim, args.precision)
     print(f"device {device} | reverse chain: {backend} backend, precision {precision}")

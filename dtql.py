@@ -111,9 +111,8 @@ class Args:
     """unused: DTQL's diffusion model has a continuous noise level and is never sampled (kept for the common flag set)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """unused: DTQL never runs a reverse chain, so any value has no effect (kept for the common flag set)"""
-    precision: Literal["ieee", "tf32", "bf16"] = "ieee"
-    """float32 matmuls on a GPU (no effect on a CPU): ieee, as PyTorch computes them (the official runs), or tf32;
-    bf16 means tf32 here (no reverse chain), accepted for the common flag set"""
+    precision: Literal["ieee", "tf32"] = "ieee"
+    """float32 matmuls on a GPU (no effect on a CPU): ieee, as PyTorch computes them (the official runs), or tf32"""
     log_frequency: int = 1_000
     """gradient steps between status lines and TensorBoard loss scalars"""
     status_interval: float = 30.0
@@ -786,8 +785,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cuda":  # tf32 and bf16 let float32 matmuls use TF32 tensor cores (JAX's default on GPUs)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "ieee"
+    if device.type == "cuda":  # tf32: float32 matmuls on TF32 tensor cores (JAX's default on GPUs)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     precision = args.precision if device.type == "cuda" else "ieee"  # a CPU computes float32 matmuls in IEEE fp32
     print(f"device {device} | precision {precision} (no reverse chain)")
 

@@ -24,7 +24,7 @@ def _device_name(device: torch.device) -> str:
 def prefer_triton(device: torch.device, hidden_dim: int, precision: str) -> bool:
     """True only when MEASURED has a row for this GPU model, hidden width and precision with a speed-up above 1."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or not MEASURED:  # nothing recorded: no GPU query either
         return False
     name = _device_name(device)
     return any(r["device"] == name and r["hidden"] == hidden_dim and r["precision"] == precision
