@@ -10,7 +10,7 @@ the script's own runs/{run_name}/ folder (TensorBoard events, summary.json, chec
 launcher command skips finished runs and continues interrupted ones from their checkpoint (`--resume`).
 
     python benchmarks/benchmark.py --scripts dacer.py --env-ids Hopper-v5 HalfCheetah-v5 --num-seeds 2 --workers 2 \
-        --extra "--total-timesteps 1000000" --runs-dir results_dacer
+        --extra="--total-timesteps 1000000" --runs-dir results_dacer
     python benchmarks/benchmark.py --scripts diffusion_ql.py dtql.py --env-ids regen/pointmaze/umaze-v2 \
         --backend slurm --slurm-partition gpu --slurm-time-min 600 --slurm-gpus 1 --slurm-cpus 4
 """
@@ -42,7 +42,7 @@ class Args:
     start_seed: int = 1
     """the first seed; the runs use start_seed, ..., start_seed + num_seeds - 1"""
     extra: str = ""
-    """flags added to every run, e.g. "--total-timesteps 50000 --eval-frequency 5000" """
+    """flags added to every run; give them with "=": --extra="--total-timesteps 50000 --eval-frequency 5000" """
     runs_dir: str = "."
     """working directory of the runs (their outputs go to runs_dir/runs/{run_name}; launcher logs to runs_dir/logs)"""
     save_model: bool = True
