@@ -12,6 +12,7 @@ Deviations from the official code (docs/dacer.md gives the reasons):
 5. The denoiser's state projection is computed once per reverse chain (same outputs).
 6. Evaluation draws fresh DDPM noise (official: a PRNG key hashed from the observation).
 7. The warm-up is counted in `total_timesteps` (official: 30M steps after it).
+8. The default seed is 1, CleanRL's convention (official: 100); JAX and PyTorch draw different streams anyway.
 """
 
 import json

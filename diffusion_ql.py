@@ -14,6 +14,7 @@ Deviations from the official code (docs/diffusion_ql.md gives the reasons):
 6. Datasets with no official twin get the preset of their family (locomotion, antmaze, Adroit, kitchen).
 7. `--reward-tune normalize` on constant rewards gives 0 with a warning (official: NaN).
 8. The default seed is 1, CleanRL's convention (official: 0).
+9. AntMaze: a reward-1 step ends the bootstrap, as D4RL's terminals (Minari's antmaze never terminates; `--goal-terminals`).
 """
 
 import json

@@ -15,6 +15,8 @@ Deviations from the official code (docs/dtql.md gives the reasons):
 6. Speed with the same math: one critic forward for the value target, policy-only gradients, torch.compile.
 7. Dict observations (antmaze, kitchen) are flattened in sorted key order at every level.
 8. Datasets with no official twin get the preset of their family (locomotion, antmaze, Adroit, kitchen).
+9. Dataset actions are clipped to [-1, 1] after rescaling (official: no clip), so the NLL's atanh stays finite.
+10. AntMaze: a reward-1 step ends the bootstrap, as D4RL's terminals (Minari's antmaze never terminates; `--goal-terminals`).
 """
 
 import json

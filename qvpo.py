@@ -10,6 +10,7 @@ Deviations from the official code (docs/qvpo.md gives the reasons):
 2. Time-limit truncations bootstrap; only `terminated` cuts the TD target (official: every `done` does).
 3. Time embedding and state projection computed once per chain; the TD target reuses the kept candidate's Q.
 4. `chosen` is fixed at the official default 1; the DIPO-only and `--epsilon` branches are not carried over.
+5. The default seed is 1, CleanRL's convention (official: 0).
 """
 
 import json

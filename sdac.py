@@ -10,6 +10,8 @@ Deviations from the official code (docs/sdac.md gives the reasons):
 3. The policy's noise prediction is computed once per state, not once per reverse sample (same gradients).
 4. The denoiser's state projection is computed once per reverse chain (same outputs).
 5. The 30k random warm-up is counted in `total_timesteps` (official: 1M steps after it).
+6. With `--clip-actions` the TD target's next action is clipped too, like the stored actions it is scored against.
+7. The default seed is 1, CleanRL's convention (official: 100); JAX and PyTorch draw different streams anyway.
 """
 
 import json
