@@ -23,7 +23,7 @@ def load(path, name):
     return module
 
 
-sys.path.insert(0, PARITY)
+sys.path.append(PARITY)  # after the repo root, whose scripts share the harnesses names
 harness = load(os.path.join(PARITY, "dacer.py"), "parity_dacer_harness")
 common = sys.modules["common"]
 

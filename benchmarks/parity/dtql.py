@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: the scripts share these names
 from common import Comparison, environment, load_script, require_official, speed_table, time_interleaved  # noqa: E402
 
 URL = "https://github.com/TianyuCodings/Diffusion_Trusted_Q_Learning"
