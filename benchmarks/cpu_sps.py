@@ -27,7 +27,6 @@ import datetime
 import os
 import queue
 import re
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_module(path: str | Path, name: str):
+    """Import a file of this repository under its own module name (a harness shares its script's file name)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script: str, *args: str, cwd: Path, timeout: float = 600, check: bool = True,

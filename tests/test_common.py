@@ -1,7 +1,6 @@
 """What every script shares: time-based status lines with an ETA, the precision and backend in summary.json, and the
 `--kernels auto` rule (PyTorch on a CUDA device unless kernels/ records a measured speed-up)."""
 
-import importlib.util
 import re
 import sys
 import types
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import offline_data
-from helpers import REPO, read_summary, run_dirs, run_script
+from helpers import REPO, load_module, read_summary, run_dirs, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # Tiny runs whose step-based status lines never fire (--log-frequency past the end): every status line they print
@@ -63,10 +62,7 @@ def test_default_status_interval_is_30_seconds_and_must_be_positive(tmp_path):
 
 
 def load(script: str):
-    spec = importlib.util.spec_from_file_location(f"common_{script[:-3]}", REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(script, f"common_{script[:-3]}")
 
 
 @pytest.mark.parametrize("script", ["sdac.py", "dacer.py", "qvpo.py", "diffusion_ql.py"])

@@ -1,24 +1,18 @@
 """benchmarks/cpu_sps.py: the rate arithmetic, the status-line reader on a fake script, and a --quick run end to end."""
 
-import importlib.util
 import math
 import os
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import load_module
 
 
 def load_cpu_sps():
-    spec = importlib.util.spec_from_file_location("cpu_sps", REPO / "benchmarks" / "cpu_sps.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/cpu_sps.py", "cpu_sps")
 
 
 cpu_sps = load_cpu_sps()
@@ -59,7 +53,7 @@ def test_run_one_times_status_lines_and_stops(tmp_path):
     assert [s for _, s in points] == list(range(10, 210, 10))
     rate, _ = cpu_sps.steady_rate(points, count_from=20)
     assert 20 < rate <= 205  # the sleeps bound it at 200 steps/s; a busy machine only makes it slower
-    assert rate > 2 * (200 / points[-1][0])  # the 1 s warm-up is not in the rate
+    assert rate > 1.5 * (200 / points[-1][0])  # the 1 s warm-up is not in the rate (with it: ~1x; without: ~2x)
 
 
 def test_run_one_reports_a_failing_script(tmp_path):

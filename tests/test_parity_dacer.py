@@ -2,7 +2,6 @@
 of itself. Unperturbed, every quantity agrees; each deliberate perturbation must be reported in the rows it touches.
 So the harness cannot pass silently (a missing tap, a comparison that compares nothing, a lost quantity)."""
 
-import importlib.util
 import os
 import sys
 
@@ -10,21 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, load_module
 
 PARITY = os.path.join(REPO, "benchmarks", "parity")
 
 
-def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 sys.path.append(PARITY)  # after the repo root, whose scripts share the harnesses names
-harness = load(os.path.join(PARITY, "dacer.py"), "parity_dacer_harness")
+harness = load_module("benchmarks/parity/dacer.py", "parity_dacer_harness")
 common = sys.modules["common"]
 
 SETUP = harness.Setup(obs_dim=5, act_dim=2, hidden=32, batch=16, entropy_samples=8, alpha_every=2, updates=4)
@@ -42,7 +33,7 @@ def inputs():
 
 def reference_copy():
     """A second, independent import of dacer.py (its module globals can be perturbed without touching the first)."""
-    return load(os.path.join(REPO, "dacer.py"), "dacer_reference_copy")
+    return load_module("dacer.py", "dacer_reference_copy")
 
 
 def run_reference(inputs, perturb=None, **overrides):

@@ -1,13 +1,11 @@
 """The Diffusion-QL parity harness (benchmarks/parity/diffusion_ql.py) without the official code: the script against
 itself must pass, and each planted difference must be reported as a mismatch, so the harness cannot pass silently."""
 
-import importlib.util
-import os
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import load_module
 
 SMALL = ["--self-test", "--updates", "6", "--batch-size", "64", "--transitions", "500", "--init-draws", "3",
          "--eval-states", "2"]
@@ -15,11 +13,7 @@ SMALL = ["--self-test", "--updates", "6", "--batch-size", "64", "--transitions",
 
 @pytest.fixture(scope="module")
 def harness():
-    spec = importlib.util.spec_from_file_location("parity_diffusion_ql",
-                                                  os.path.join(REPO, "benchmarks", "parity", "diffusion_ql.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/parity/diffusion_ql.py", "parity_diffusion_ql")
 
 
 def run(harness, capsys, *extra) -> tuple[int, str]:

@@ -2,7 +2,6 @@
 with every quantity compared, and each planted difference must be reported, where it belongs, so the harness cannot
 pass silently. Also the two places where dtql.py rounds as the official code does (the harness shows why)."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import dtql
-from helpers import REPO
+from helpers import REPO, load_module
 
 SMALL = ["--self-test", "--updates", "6", "--pretrain-updates", "2", "--batch-size", "32", "--hidden-dim", "32",
          "--transitions", "300", "--eval-states", "2", "--eval-candidates", "16", "--init-draws", "3",
@@ -21,10 +20,7 @@ SMALL = ["--self-test", "--updates", "6", "--pretrain-updates", "2", "--batch-si
 
 @pytest.fixture(scope="module")
 def harness():
-    spec = importlib.util.spec_from_file_location("parity_dtql", os.path.join(REPO, "benchmarks", "parity", "dtql.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/parity/dtql.py", "parity_dtql")
 
 
 def run(harness, capsys, *extra) -> tuple[int, str]:

@@ -5,7 +5,6 @@ import sys
 
 import gymnasium as gym
 import gymnasium_robotics
-import minari
 import numpy as np
 import pytest
 from helpers import REPO, read_summary, run_dirs, run_script

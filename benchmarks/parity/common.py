@@ -47,6 +47,15 @@ def require_official(path: str | None, url: str, commit: str) -> str:
     sys.exit(1)
 
 
+def draw_shape(args: tuple, kwargs: dict) -> tuple:
+    """The shape a patched torch RNG call asks for: randn(2, 3), randn((2, 3)) or randn(size=(2, 3))."""
+    if "size" in kwargs:
+        return tuple(kwargs["size"])
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):  # torch.Size is a tuple
+        return tuple(args[0])
+    return tuple(args)
+
+
 def to_numpy(x) -> np.ndarray:
     """torch tensors, jax/numpy arrays and Python numbers -> float64 numpy arrays."""
     if hasattr(x, "detach"):

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: the scripts share these names
-from common import Comparison, environment, load_script, require_official, speed_table, time_interleaved  # noqa: E402
+from common import (Comparison, draw_shape, environment, load_script, require_official, speed_table,  # noqa: E402
+                    time_interleaved)
 
 URL = "https://github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL"
 COMMIT = "d871f5c"
@@ -87,14 +88,6 @@ class ScriptedRNG:
             raise AssertionError(f"{name}: asked for shape {tuple(shape)}, scripted {tuple(value.shape)}")
         return value
 
-    @staticmethod
-    def _shape(args, kwargs):
-        if "size" in kwargs:
-            return tuple(kwargs["size"])
-        if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
-            return tuple(args[0])
-        return tuple(args)
-
     def randint(self, *args, **kwargs):
         high = args[1] if len(args) >= 2 and isinstance(args[1], int) else kwargs.get("high", args[0])
         shape = kwargs["size"] if "size" in kwargs else args[-1]
@@ -104,7 +97,7 @@ class ScriptedRNG:
         return value.clone()
 
     def randn(self, *args, **kwargs):
-        return self._pop("randn", self._shape(args, {k: v for k, v in kwargs.items() if k == "size"})).clone()
+        return self._pop("randn", draw_shape(args, {k: v for k, v in kwargs.items() if k == "size"})).clone()
 
     def randn_like(self, x, **kwargs):
         return self._pop("randn_like", x.shape).clone()
@@ -558,7 +551,7 @@ def compare_init(opts, dql, official_path: str | None, cmp: Comparison) -> str:
             a[k].append(v.detach().double().reshape(-1))
         for k, v in theirs_nets(100_000 + i).items():
             b[k].append(v.detach().double().reshape(-1))
-    lines = [f"| parameter | fan-in | mean ours / official (z) | std ours / official (z) | U(+-1/sqrt(fan-in)) std |",
+    lines = ["| parameter | fan-in | mean ours / official (z) | std ours / official (z) | U(+-1/sqrt(fan-in)) std |",
              "|---|---:|---:|---:|---:|"]
     worst, shapes = 0.0, {k: v.shape for k, v in ours_nets(0).items()}
     for k in a:

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: the scripts share these names
-from common import Comparison, environment, load_script, require_official, speed_table, time_interleaved  # noqa: E402
+from common import (Comparison, draw_shape, environment, load_script, require_official, speed_table,  # noqa: E402
+                    time_interleaved)
 
 URL = "https://github.com/TianyuCodings/Diffusion_Trusted_Q_Learning"
 COMMIT = "9a29cea"
@@ -95,14 +96,6 @@ class ScriptedRNG:
             raise AssertionError(f"{name}: asked for shape {tuple(shape)}, scripted {tuple(value.shape)}")
         return value.clone()
 
-    @staticmethod
-    def _shape(args, kwargs) -> tuple:
-        if "size" in kwargs:
-            return tuple(kwargs["size"])
-        if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
-            return tuple(args[0])
-        return tuple(args)
-
     def randint(self, *args, **kwargs):
         ints = [a for a in args if isinstance(a, int)]
         high = kwargs.get("high", ints[1] if len(ints) >= 2 else ints[0])
@@ -115,10 +108,10 @@ class ScriptedRNG:
     def rand(self, *args, **kwargs):
         if kwargs.get("dtype") != torch.float64:
             raise AssertionError(f"rand: expected a float64 draw (the noise-level inverse CDF), got {kwargs.get('dtype')}")
-        return self._pop("rand", self._shape(args, kwargs))
+        return self._pop("rand", draw_shape(args, kwargs))
 
     def randn(self, *args, **kwargs):
-        return self._pop("randn", self._shape(args, kwargs))
+        return self._pop("randn", draw_shape(args, kwargs))
 
     def randn_like(self, x, **kwargs):
         return self._pop("randn_like", x.shape)
