@@ -182,7 +182,7 @@ def main(args: Args) -> str:
         name = task.replace("/", "_") + ".png"
         plot_task(task, scripts, out / name)
         images.append(f"![{task}]({name})")
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "parity"))
+    sys.path.append(str(Path(__file__).resolve().parent / "parity"))  # last: its harnesses share the scripts' names
     from common import environment
 
     text = "\n\n".join([f"# {args.title}", table(groups), *images,
