@@ -450,6 +450,60 @@ def q_weighted_loss(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Te
     return (weights[:, None] * (eps_pred - eps) ** 2).mean()
 
 
+def update(args: Args, actor: Denoiser, actor_target: Denoiser, qf1: QNetwork, qf2: QNetwork, qf1_target: QNetwork,
+           qf2_target: QNetwork, q_optimizer: torch.optim.Optimizer, actor_optimizer: torch.optim.Optimizer,
+           q_stats: torch.Tensor, schedule: DDPMSchedule, rb: ReplayBuffer, alpha: float,
+           backend: str = "torch") -> dict[str, torch.Tensor]:
+    """One QVPO gradient step (official `QVPO.train`, one iteration): a critic step on one replay batch, a Q-weighted
+    VLO actor step on a second batch, then the EMA of the actor and the critics. Updates q_stats in place.
+
+    Returns the step's intermediate tensors (detached), for logging and for benchmarks/parity/qvpo.py."""
+    b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
+    with torch.no_grad():  # TD target: the EMA actor's best of target_samples by the target critics
+        # the kept candidate's min-Q is the max over the candidates: no second target-critic pass needed
+        _, next_q = sample_actions(actor_target, qf1_target, qf2_target, schedule, b_next_obs, args.target_samples,
+                                   backend)
+        target_q = next_q.max(1).values
+        td_target = b_rewards + args.gamma * (1.0 - b_dones) * target_q  # [B]
+
+    qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+    qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
+    q_optimizer.zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    if args.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_([*qf1.parameters(), *qf2.parameters()], args.max_grad_norm)
+    q_optimizer.step()
+
+    # Q-weighted VLO on a fresh batch: per state keep the best of train_samples online-actor samples, scored by the
+    # just-updated critics, with weight w(s); append num_uniform uniform actions per state, weight omega * w(s) (the
+    # entropy term); one denoising loss over all (1 + num_uniform) * B rows.
+    p_obs = rb.sample(args.batch_size)[0]  # [B, S]
+    with torch.no_grad():
+        # best_actions [B, A]; q [B, K]: min-Q of all K = train_samples candidates
+        best_actions, q = sample_actions(actor, qf1, qf2, schedule, p_obs, args.train_samples, backend)
+        q_stats.lerp_(torch.stack([q.mean(), q.std()]), 0.001)  # official running_q_mean / running_q_std
+        weights = q_weights(q, args.q_transform, q_stats[0], q_stats[1])  # [B]
+        rows_obs, x0, rows_w = actor_rows(p_obs, best_actions, weights, alpha, args.num_uniform)
+        t = torch.randint(0, schedule.T, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = schedule.q_sample(x0, t, eps)
+    eps_pred = actor(rows_obs, x_t, t)  # [(1 + N_e) B, A]
+    actor_loss = q_weighted_loss(eps_pred, eps, rows_w)
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    if args.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+    actor_optimizer.step()
+    with torch.no_grad():  # EMA of the actor and the critics, every update
+        online = [*actor.parameters(), *qf1.parameters(), *qf2.parameters()]
+        targets = [*actor_target.parameters(), *qf1_target.parameters(), *qf2_target.parameters()]
+        torch._foreach_lerp_(targets, online, args.tau)
+    return {"next_q": next_q, "td_target": td_target, "qf1_values": qf1_a_values.detach(),
+            "qf2_values": qf2_a_values.detach(), "qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(), "q": q,
+            "best_actions": best_actions, "weights": weights, "rows_obs": rows_obs, "rows_actions": x0,
+            "rows_weights": rows_w, "x_t": x_t, "eps_pred": eps_pred.detach(), "actor_loss": actor_loss.detach()}
+
+
 @torch.no_grad()
 def evaluate(envs: list[gym.Env], policy, seed: int, device: torch.device) -> np.ndarray:
     """One episode per env from fixed seeds, actions for all unfinished envs in one batch: returns [len(envs)]."""
@@ -566,8 +620,6 @@ if __name__ == "__main__":
     # running mean and std of the sampled Q values (official alpha_mean = alpha_std = 0.001), for qexpn / qcut*n
     q_stats = torch.tensor([0.0, 1.0], device=device)
     schedule = DDPMSchedule(cosine_beta_schedule(args.diffusion_steps), device)
-    online_params = [*actor.parameters(), *qf1.parameters(), *qf2.parameters()]
-    target_params = [*actor_target.parameters(), *qf1_target.parameters(), *qf2_target.parameters()]
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
 
     def act(denoiser: Denoiser, obs: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -646,47 +698,12 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: training.
         if rb.size >= args.learning_starts:
-            b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
-            with torch.no_grad():  # TD target: the EMA actor's best of target_samples by the target critics
-                # the kept candidate's min-Q is the max over the candidates: no second target-critic pass needed
-                _, next_q = sample_actions(actor_target, qf1_target, qf2_target, schedule, b_next_obs,
-                                           args.target_samples, backend)
-                target_q = next_q.max(1).values
-                td_target = b_rewards + args.gamma * (1.0 - b_dones) * target_q
-
-            qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
-            qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
-            q_optimizer.zero_grad()
-            (qf1_loss + qf2_loss).backward()
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_([*qf1.parameters(), *qf2.parameters()], args.max_grad_norm)
-            q_optimizer.step()
-
-            # Q-weighted VLO on a fresh batch: per state keep the best of train_samples online-actor samples, scored
-            # by the just-updated critics, with weight w(s); append num_uniform uniform actions per state, weight
-            # omega * w(s) (the entropy term); one denoising loss over all (1 + num_uniform) * B rows.
-            p_obs = rb.sample(args.batch_size)[0]  # [B, S]
-            with torch.no_grad():
-                # best_actions [B, A]; q [B, K]: min-Q of all K = train_samples candidates
-                best_actions, q = sample_actions(actor, qf1, qf2, schedule, p_obs, args.train_samples, backend)
-                q_stats.lerp_(torch.stack([q.mean(), q.std()]), 0.001)  # official running_q_mean / running_q_std
-                weights = q_weights(q, args.q_transform, q_stats[0], q_stats[1])  # [B]
-                rows_obs, x0, rows_w = actor_rows(p_obs, best_actions, weights, alpha, args.num_uniform)
-                t = torch.randint(0, schedule.T, (len(x0),), device=device)
-                eps = torch.randn_like(x0)
-                x_t = schedule.q_sample(x0, t, eps)
-            actor_loss = q_weighted_loss(actor(rows_obs, x_t, t), eps, rows_w)
-            actor_optimizer.zero_grad()
-            actor_loss.backward()
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-            actor_optimizer.step()
-            with torch.no_grad():  # EMA of the actor and the critics, every update
-                torch._foreach_lerp_(target_params, online_params, args.tau)
+            out = update(args, actor, actor_target, qf1, qf2, qf1_target, qf2_target, q_optimizer, actor_optimizer,
+                         q_stats, schedule, rb, alpha, backend)
             update_step += 1
-            losses.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), qf1_values=qf1_a_values.detach().mean(),
-                          qf2_values=qf2_a_values.detach().mean(), actor_loss=actor_loss.detach(),
-                          q_weight=weights.mean(), q_best=q.max(1).values.mean(), q_samples=q.mean())
+            losses.update(qf1_loss=out["qf1_loss"], qf2_loss=out["qf2_loss"], qf1_values=out["qf1_values"].mean(),
+                          qf2_values=out["qf2_values"].mean(), actor_loss=out["actor_loss"],
+                          q_weight=out["weights"].mean(), q_best=out["q"].max(1).values.mean(), q_samples=out["q"].mean())
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals
         if global_step // args.log_frequency > prev_step // args.log_frequency:
