@@ -239,12 +239,11 @@ def make_data(seed: int, size: int = DATA_SIZE, obs_dim: int = OBS_DIM, act_dim:
 class ScriptSide:
     """qvpo.py's networks, optimizers, replay buffer and `update`, driven with injected draws."""
 
-    name = "qvpo.py"
-
-    def __init__(self, qvpo, data: dict, truncation_fix: bool = False, seed: int = 0):
-        self.qvpo = qvpo
+    def __init__(self, qvpo, data: dict, truncation_fix: bool = False, seed: int = 0, overrides: dict | None = None,
+                 name: str = "qvpo.py"):
+        self.qvpo, self.name = qvpo, name
         torch.manual_seed(seed)
-        self.args = args = qvpo.Args()
+        self.args = args = qvpo.Args(**(overrides or {}))
         S, A, H, E, T = OBS_DIM, ACT_DIM, args.hidden_dim, args.time_dim, args.diffusion_steps
         cpu = torch.device("cpu")
         self.actor, self.actor_target = qvpo.Denoiser(S, A, H, E, T), qvpo.Denoiser(S, A, H, E, T)
@@ -292,6 +291,18 @@ class ScriptSide:
         load_adam_state(self.q_optimizer, self.online, state["q_adam"])
         load_adam_state(self.actor_optimizer, self.online, state["actor_adam"])
         self.q_stats.copy_(state["q_stats"])
+
+    def use_coefficients(self, diffusion) -> None:
+        """Replace the script's coefficient table (float64 arithmetic, rounded to float32) by the official one
+        (float32 arithmetic, agent/diffusion.py), to show which differences that table alone causes."""
+        s = self.schedule
+        for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                     "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2"):
+            setattr(s, name, getattr(diffusion, name).clone())
+        s.posterior_std = (0.5 * diffusion.posterior_log_variance_clipped).exp()  # as the official p_sample
+        s.steps = list(zip(*(getattr(s, k).tolist() for k in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                                                               "posterior_mean_coef1", "posterior_mean_coef2",
+                                                               "posterior_std"))))
 
     def chain_queue(self, queue: DrawQueue, x: torch.Tensor, noise: torch.Tensor) -> None:
         """sample_actions draws x_T [B*K, A] then all the noise [T, B*K, A]; candidates of a state are contiguous."""
@@ -605,25 +616,39 @@ def compare_omega_schedule(ours, official, comparison: common.Comparison) -> Non
                    torch.tensor([official.omega(s) for s in steps], dtype=torch.float64))
 
 
-def init_distribution(qvpo, official, draws: int) -> tuple[str, list[str]]:
-    """Per layer: weight mean, std and the share beyond 2 nominal std, pooled over `draws` fresh networks from each
-    side's initializer (the official init_weights' truncation loop rebinds a local, so its weights are untruncated
-    normal: ~4.6% beyond 2 std), plus the largest |bias|. A layer passes when the two sides' mean, std and share
-    agree within 5 standard errors and both biases are 0."""
-    args = qvpo.Args()
-    S, A = OBS_DIM, ACT_DIM
+def script_init(qvpo, overrides: dict | None = None):
+    """A function drawing fresh script networks: {common name: parameter}."""
+    args = qvpo.Args(**(overrides or {}))
+
+    def draw() -> dict:
+        actor = qvpo.Denoiser(OBS_DIM, ACT_DIM, args.hidden_dim, args.time_dim, args.diffusion_steps)
+        qf1, qf2 = qvpo.QNetwork(OBS_DIM, ACT_DIM, args.hidden_dim), qvpo.QNetwork(OBS_DIM, ACT_DIM, args.hidden_dim)
+        return script_names(actor, qf1, qf2)
+
+    return draw
+
+
+def official_init(official):
+    """A function drawing fresh official networks (agent/model.py's Model and Critic, each applying init_weights)."""
+
+    def draw() -> dict:
+        model, critic = official.model.Model(OBS_DIM, ACT_DIM), official.model.Critic(OBS_DIM, ACT_DIM)
+        actor = types.SimpleNamespace(named_parameters=lambda: ((f"model.{n}", p) for n, p in model.named_parameters()))
+        return official_names(actor, critic)
+
+    return draw
+
+
+def init_distribution(draw_ours, draw_official, draws: int) -> tuple[str, list[str]]:
+    """Per layer: weight mean, std and the share beyond 2 nominal std (1 / (2 sqrt(fan_in)), the official
+    init_weights), pooled over `draws` fresh networks from each side's initializer (the official truncation loop
+    rebinds a local, so its weights are untruncated normal: ~4.6% beyond 2 std), plus the largest |bias|. A layer
+    passes when the two sides' mean, std and share agree within 5 standard errors and both biases are 0."""
     pooled: dict[str, dict[str, list]] = {}
     for _ in range(draws):
-        ours_nets = {"actor": qvpo.Denoiser(S, A, args.hidden_dim, args.time_dim, args.diffusion_steps),
-                     "qf1": qvpo.QNetwork(S, A, args.hidden_dim), "qf2": qvpo.QNetwork(S, A, args.hidden_dim)}
-        mine = {f"{k}.{n}": p for k, net in ours_nets.items() for n, p in net.named_parameters()}
-        model, critic = official.model.Model(S, A), official.model.Critic(S, A)
-        wrapper = types.SimpleNamespace(named_parameters=lambda: ((f"model.{n}", p) for n, p in model.named_parameters()))
-        theirs = official_names(wrapper, critic)
-        for name in theirs:
-            entry = pooled.setdefault(name, {"ours": [], "official": []})
-            entry["ours"].append(mine[name].detach().reshape(-1).double())
-            entry["official"].append(theirs[name].detach().reshape(-1).double())
+        for side, params in (("ours", draw_ours()), ("official", draw_official())):
+            for name, p in params.items():
+                pooled.setdefault(name, {"ours": [], "official": []})[side].append(p.detach().reshape(-1).double())
     lines = ["| layer | fan-in | nominal std | official mean / std / beyond 2 std | qvpo.py mean / std / beyond 2 std "
              "| max \\|bias\\| (both) | agree |", "|---|---:|---:|---:|---:|---:|:-:|"]
     bad = []
@@ -633,9 +658,7 @@ def init_distribution(qvpo, official, draws: int) -> tuple[str, list[str]]:
         o, s = torch.cat(entry["official"]), torch.cat(entry["ours"])
         bias = pooled[name.replace(".weight", ".bias")]
         max_bias = max(float(torch.cat(bias["official"]).abs().max()), float(torch.cat(bias["ours"]).abs().max()))
-        fan_in = {"actor.time_mlp.0.weight": args.time_dim, "actor.time_mlp.2.weight": args.hidden_dim,
-                  "actor.net.0.weight": A + args.time_dim + S}.get(name, S + A if name.endswith("net.0.weight")
-                                                                    else args.hidden_dim)
+        fan_in = len(o) // len(torch.cat(bias["official"]))  # weights [out, in] over biases [out], same draws
         nominal = 1.0 / (2.0 * math.sqrt(fan_in))
         stats = {}
         for side, w in (("official", o), ("ours", s)):
@@ -669,7 +692,31 @@ def load_module(path: str, name: str):
     return module
 
 
-def main() -> int:
+SELF_TEST_ARGS = {"batch_size": 32, "train_samples": 8, "target_samples": 2, "behavior_samples": 2, "eval_samples": 4,
+                  "hidden_dim": 32, "diffusion_steps": 5}  # small shapes for --self-test (CI)
+PERTURBATIONS = ("gamma", "tau", "q_weights", "init")
+
+
+def perturbed_reference(qvpo_path: str, data: dict, cli) -> tuple[ScriptSide, callable]:
+    """--self-test: a second, separately imported copy of qvpo.py stands in for the official side, with at most one
+    planted difference (--perturb), which the comparison must report."""
+    ref = load_module(qvpo_path, "reference_qvpo")
+    side = ScriptSide(ref, data, seed=cli.seed, overrides=SELF_TEST_ARGS, name="reference")
+    if cli.perturb == "gamma":  # discount 0.98: the hyper-parameter table, the TD target and everything after it
+        side.args.gamma = 0.98
+    elif cli.perturb == "tau":  # EMA rate 0.0051: only the target networks
+        side.args.tau = 0.0051
+    elif cli.perturb == "q_weights":  # the sample weights w(s) x (1 + 1e-4)
+        q_weights = ref.q_weights
+        ref.q_weights = lambda *a, **k: q_weights(*a, **k) * (1 + 1e-4)
+    draw = script_init(ref, SELF_TEST_ARGS)
+    if cli.perturb == "init":  # every weight std x 1.25 (the small self-test layers resolve ~10%; full size ~0.3%)
+        plain = draw
+        draw = lambda: {n: p * 1.25 for n, p in plain().items()}  # noqa: E731
+    return side, draw
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", help=f"checkout of {URL} at {COMMIT}")
     parser.add_argument("--updates", type=int, default=5, help="consecutive updates compared")
@@ -678,49 +725,41 @@ def main() -> int:
     parser.add_argument("--keep-truncation-fix", action="store_true",
                         help="store terminated-only flags in the script's buffer (what qvpo.py does) and show the "
                              "TD-target difference this makes")
+    parser.add_argument("--official-coefficients", action="store_true",
+                        help="give the script the official float32 diffusion coefficients instead of its own "
+                             "(computed in float64, then rounded to float32)")
     parser.add_argument("--speed", action="store_true", help="time updates instead of comparing them")
     parser.add_argument("--rounds", type=int, default=5, help="--speed: interleaved rounds")
     parser.add_argument("--calls", type=int, default=2, help="--speed: updates per side per round")
     parser.add_argument("--baseline-script", default=None,
                         help="--speed: also time this copy of qvpo.py (e.g. `git show REV:qvpo.py > old.py`)")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler table of the script's update (CPU)")
-    cli = parser.parse_args()
-    path = common.require_official(cli.official, URL, COMMIT)
-    official = import_official(path)
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of one update of each side")
+    parser.add_argument("--self-test", action="store_true",
+                        help="no official code: compare qvpo.py with a second copy of itself (small shapes), to test "
+                             "the harness; with --perturb, one planted difference must be reported")
+    parser.add_argument("--perturb", choices=PERTURBATIONS, default=None, help="--self-test: the planted difference")
+    cli = parser.parse_args(argv)
     qvpo = common.load_script("qvpo")
     data = make_data(cli.seed)
 
-    if cli.speed or cli.profile:
-        torch.set_num_threads(1)
-        off = OfficialSide(official, data, cli.seed)
-        sides = {"qvpo.py": ScriptSide(qvpo, data, seed=cli.seed)}
-        if cli.baseline_script:
-            sides["qvpo.py (baseline)"] = ScriptSide(load_module(cli.baseline_script, "qvpo_baseline"), data,
-                                                     seed=cli.seed)
-        for side in sides.values():
-            sync(side, off)
-        if cli.profile:
-            from torch.profiler import ProfilerActivity, profile
-            plain_update(sides["qvpo.py"])
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                plain_update(sides["qvpo.py"])
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                off.agent.train(START_STEP, 1, batch_size=off.args.batch_size)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-            return 0
-        fns = {"official": lambda: off.agent.train(START_STEP, 1, batch_size=off.args.batch_size)}
-        fns.update({name: (lambda s=side: plain_update(s)) for name, side in sides.items()})
-        results = common.time_interleaved(fns, rounds=cli.rounds, calls=cli.calls)
-        print(f"## QVPO update speed, CPU, one thread\n\n{common.environment()}\n\n"
-              f"{common.speed_table(results, 'official')}")
-        if cli.baseline_script:
-            base, new = results["qvpo.py (baseline)"][0], results["qvpo.py"][0]
-            print(f"\nqvpo.py vs its baseline: {base / new:.2f}x faster per update")
-        return 0
-
-    official_side = OfficialSide(official, data, cli.seed)
-    ours = ScriptSide(qvpo, data, truncation_fix=cli.keep_truncation_fix, seed=cli.seed)
+    if cli.self_test:
+        official_side, draw_official = perturbed_reference(os.path.join(common.REPO_ROOT, "qvpo.py"), data, cli)
+        ours = ScriptSide(qvpo, data, truncation_fix=cli.keep_truncation_fix, seed=cli.seed + 1,
+                          overrides=SELF_TEST_ARGS)
+        draw_ours = script_init(qvpo, SELF_TEST_ARGS)
+        title = f"qvpo.py vs a copy of itself{f' with --perturb {cli.perturb}' if cli.perturb else ''}"
+    else:
+        path = common.require_official(cli.official, URL, COMMIT)
+        official = import_official(path)
+        if cli.speed or cli.profile:
+            return speed(official, qvpo, data, cli)
+        official_side = OfficialSide(official, data, cli.seed)
+        ours = ScriptSide(qvpo, data, truncation_fix=cli.keep_truncation_fix, seed=cli.seed)
+        if cli.official_coefficients:
+            ours.use_coefficients(official_side.agent.actor)
+        draw_ours, draw_official = script_init(qvpo), official_init(official)
+        title = f"qvpo.py vs official QVPO ({COMMIT})" + (", official float32 coefficients in the script"
+                                                          if cli.official_coefficients else "")
     sync(ours, official_side)
     hyper_table, hyper_bad = compare_hyper_parameters(ours, official_side)
     print(f"## Hyper-parameters\n\n{hyper_table}\n")
@@ -728,23 +767,52 @@ def main() -> int:
     if cli.keep_truncation_fix:
         compare_updates(ours, official_side, comparison, cli.updates, cli.seed,
                         truncation={"truncated": data["truncated"], "gamma": ours.args.gamma})
-        print(f"## qvpo.py's truncation fix vs the official terminal time limits, {cli.updates} updates\n\n"
+        print(f"## {title}: qvpo.py's truncation fix vs terminal time limits, {cli.updates} updates\n\n"
               f"{common.environment()}\n\n{comparison.table()}\n")
         expected = ["TD target, truncated rows"]
         ok = comparison.failures() == expected
         print("OK: the TD target differs only on time-limit-truncated rows, by gamma * min Q'(s', a')" if ok else
-              f"UNEXPECTED: failures {comparison.failures()} (expected exactly {expected})")
+              f"MISMATCH: failures {comparison.failures()} (expected exactly {expected})")
         return 0 if ok and not hyper_bad else 1
     compare_updates(ours, official_side, comparison, cli.updates, cli.seed)
     compare_choices(ours, official_side, comparison, cli.seed, torch.as_tensor(data["obs"][:8]))
     compare_omega_schedule(ours, official_side, comparison)
-    code = comparison.report(f"qvpo.py vs official QVPO ({COMMIT}), {cli.updates} consecutive updates")
-    init_table, init_bad = init_distribution(qvpo, official, cli.init_draws)
+    code = comparison.report(f"{title}, {cli.updates} consecutive updates")
+    init_table, init_bad = init_distribution(draw_ours, draw_official, cli.init_draws)
     print(f"\n## Initial weights, {cli.init_draws} fresh networks per side\n\n{init_table}\n")
     print(f"MISMATCH in the init of {init_bad}" if init_bad else "OK: every layer's init agrees")
     if hyper_bad:
         print(f"MISMATCH in hyper-parameters: {hyper_bad}")
     return 1 if code or init_bad or hyper_bad else 0
+
+
+def speed(official, qvpo, data: dict, cli) -> int:
+    """--speed: ms per update of each side, one thread, interleaved rounds; --profile: where one update's time goes."""
+    torch.set_num_threads(1)
+    off = OfficialSide(official, data, cli.seed)
+    sides = {"qvpo.py": ScriptSide(qvpo, data, seed=cli.seed)}
+    if cli.baseline_script:
+        sides["qvpo.py (baseline)"] = ScriptSide(load_module(cli.baseline_script, "qvpo_baseline"), data, seed=cli.seed)
+    for side in sides.values():
+        sync(side, off)
+    official_update = lambda: off.agent.train(START_STEP, 1, batch_size=off.args.batch_size)  # noqa: E731
+    if cli.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in (("qvpo.py", lambda: plain_update(sides["qvpo.py"])), ("official", official_update)):
+            fn()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"## {name}: one update\n\n{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12)}")
+        return 0
+    fns = {"official": official_update}
+    fns.update({name: (lambda s=side: plain_update(s)) for name, side in sides.items()})
+    results = common.time_interleaved(fns, rounds=cli.rounds, calls=cli.calls)
+    print(f"## QVPO update speed, CPU, one thread\n\n{common.environment()}\n\n{common.speed_table(results, 'official')}")
+    if cli.baseline_script:
+        print(f"\nqvpo.py vs its baseline: {results['qvpo.py (baseline)'][0] / results['qvpo.py'][0]:.2f}x faster per "
+              "update (medians of the same run)")
+    return 0
 
 
 if __name__ == "__main__":
