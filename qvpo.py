@@ -370,12 +370,52 @@ class DDPMSchedule:
         return self.sqrt_alphas_cumprod[t, None] * x0 + self.sqrt_one_minus_alphas_cumprod[t, None] * eps
 
 
+# Rows per block of the no-grad MLP passes on CPU (reverse chains, candidate scoring): a block's [512, 256] activations
+# stay in the L2 cache through all of its layers and steps, instead of streaming [B*K, 256] tensors through memory.
+BLOCK_ROWS = 512
+
+
+def mish_(h: torch.Tensor, e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """h <- mish(h) = h tanh(softplus(h)), in place (no autograd); e, d: scratch tensors of h's shape.
+
+    tanh(softplus(h)) = n / (n + 2) with n = e^h (e^h + 2), computed as m / (m + 1) with m = n / 2 = e^h + e^2h / 2:
+    one exp and five cheap passes, ~2x faster on CPU than F.mish, whose log1p is slow there. exp's input is clamped at
+    20, where the ratio is 1 to fp32 precision (as it is for every larger h)."""
+    torch.clamp(h, max=20.0, out=e).exp_()
+    torch.addcmul(e, e, e, value=0.5, out=d)  # m
+    torch.add(d, 1.0, out=e)  # m + 1
+    return h.mul_(torch.div(d, e, out=d))  # ratio first: h * m would overflow for |h| > 1e21
+
+
+def mlp_block(net: nn.Sequential, h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """net(h) without autograd for one block of rows, net a sequence of Linear and Mish modules: the hidden Linears
+    write into scratch[0] / scratch[1] (the one not holding h), Mish works in place with scratch[2:] as temporaries
+    (mish_ on CPU, F.mish elsewhere). scratch: [4, >= len(h), H]; a leading Mish overwrites h."""
+    bufs = scratch[:, : len(h)]
+    for m in net:
+        if isinstance(m, nn.Mish):
+            h = mish_(h, bufs[2], bufs[3]) if h.device.type == "cpu" else F.mish(h, inplace=True)
+        elif m is net[-1]:  # the output layer: a fresh [rows, out] tensor
+            h = torch.addmm(m.bias, h, m.weight.t())
+        else:
+            out = bufs[1] if h.data_ptr() == bufs[0].data_ptr() else bufs[0]
+            h = torch.addmm(m.bias, h, m.weight.t(), out=out)
+    return h
+
+
+def block_size(x: torch.Tensor) -> int:
+    """Rows per block: BLOCK_ROWS on CPU; all rows at once on an accelerator (blocks would only add launches)."""
+    return BLOCK_ROWS if x.device.type == "cpu" else max(len(x), 1)
+
+
+@torch.no_grad()
 def reverse_chain(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor, x: torch.Tensor,
                   noise: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """Runs x_T -> x_0. obs: [N, S]; x: [N, A] = x_T; noise: [T, N, A], noise[t] is added at step t > 0.
+    """Runs x_T -> x_0 (no autograd). obs: [N, S]; x: [N, A] = x_T; noise: [T, N, A], noise[t] is added at step t > 0.
 
     Each step: x0_hat = clip(x/sqrt(abar_t) - eps * sqrt(1/abar_t - 1), -1, 1), then the posterior mean
-    c1_t x0_hat + c2_t x_t plus posterior_std_t * noise[t], with no noise at the last step (t = 0)."""
+    c1_t x0_hat + c2_t x_t plus posterior_std_t * noise[t], with no noise at the last step (t = 0). The rows are
+    independent, so the torch path runs the whole chain one block of rows at a time (see BLOCK_ROWS)."""
     temb = denoiser.time_mlp(denoiser.time_features)  # [T, E], once per chain
     if backend == "triton":
         import kernels
@@ -386,14 +426,36 @@ def reverse_chain(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor,
     w_x, w_temb, w_obs = first.weight.split([x.shape[1], temb.shape[1], obs.shape[1]], dim=1)
     obs_proj = F.linear(obs, w_obs, first.bias)  # [N, H]: the state part of layer 1, hoisted out of the loop
     temb_proj = F.linear(temb, w_temb)  # [T, H]
-    for t in reversed(range(schedule.T)):
-        recip, recipm1, coef1, coef2, std = schedule.steps[t]
-        eps = rest(obs_proj + temb_proj[t] + F.linear(x, w_x))
-        x0 = (recip * x - recipm1 * eps).clamp(-1.0, 1.0)
-        x = coef1 * x0 + coef2 * x
-        if t > 0:
-            x = x + std * noise[t]
-    return x
+    rows = block_size(x)
+    scratch = x.new_empty(4, min(rows, len(x)), first.out_features)
+    out = torch.empty_like(x)
+    for start in range(0, len(x), rows):
+        block = slice(start, start + rows)
+        xb, obs_b = x[block], obs_proj[block]
+        for t in reversed(range(schedule.T)):
+            recip, recipm1, coef1, coef2, std = schedule.steps[t]
+            h = torch.addmm(obs_b, xb, w_x.t(), out=scratch[0, : len(xb)]).add_(temb_proj[t])  # layer 1, [rows, H]
+            eps = mlp_block(rest, h, scratch)
+            x0 = (recip * xb - recipm1 * eps).clamp(-1.0, 1.0)
+            xb = coef1 * x0 + coef2 * xb
+            if t > 0:
+                xb = xb + std * noise[t, block]
+        out[block] = xb
+    return out
+
+
+@torch.no_grad()
+def min_q(qf1: QNetwork, qf2: QNetwork, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """min(Q1, Q2)(obs, actions) without autograd, block by block as in reverse_chain: [N, S], [N, A] -> [N]."""
+    rows = block_size(obs)
+    scratch = obs.new_empty(4, min(rows, len(obs)), qf1.net[0].out_features)
+    out = obs.new_empty(len(obs))
+    for start in range(0, len(obs), rows):
+        block = slice(start, start + rows)
+        inp = torch.cat([obs[block], actions[block]], -1)
+        q1 = mlp_block(qf1.net, inp, scratch)
+        out[block] = torch.min(q1, mlp_block(qf2.net, inp, scratch)).squeeze(-1)
+    return out
 
 
 @torch.no_grad()
@@ -406,7 +468,7 @@ def sample_actions(denoiser: Denoiser, qf1: QNetwork, qf2: QNetwork, schedule: D
     x = torch.randn(batch * num_samples, act_dim, device=obs.device)  # x_T ~ N(0, I)
     noise = torch.randn(schedule.T, batch * num_samples, act_dim, device=obs.device)
     actions = reverse_chain(denoiser, schedule, obs_rep, x, noise, backend).clamp(-1.0, 1.0)
-    q = torch.min(qf1(obs_rep, actions), qf2(obs_rep, actions)).view(batch, num_samples)
+    q = min_q(qf1, qf2, obs_rep, actions).view(batch, num_samples)
     best = actions.view(batch, num_samples, act_dim)[torch.arange(batch, device=obs.device), q.argmax(1)]
     return best, q
 
@@ -453,6 +515,60 @@ def q_weighted_loss(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Te
     """The official WeightedL2: plain mean over [N, A] of weights[:, None] * (eps_pred - eps)^2, where the N rows are
     the B kept samples followed by the num_uniform * B uniform-action rows (so the mean divides by (B + N_e B) * A)."""
     return (weights[:, None] * (eps_pred - eps) ** 2).mean()
+
+
+def update(args: Args, actor: Denoiser, actor_target: Denoiser, qf1: QNetwork, qf2: QNetwork, qf1_target: QNetwork,
+           qf2_target: QNetwork, q_optimizer: torch.optim.Optimizer, actor_optimizer: torch.optim.Optimizer,
+           q_stats: torch.Tensor, schedule: DDPMSchedule, rb: ReplayBuffer, alpha: float,
+           backend: str = "torch") -> dict[str, torch.Tensor]:
+    """One QVPO gradient step (official `QVPO.train`, one iteration): a critic step on one replay batch, a Q-weighted
+    VLO actor step on a second batch, then the EMA of the actor and the critics. Updates q_stats in place.
+
+    Returns the step's intermediate tensors (detached), for logging and for benchmarks/parity/qvpo.py."""
+    b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
+    with torch.no_grad():  # TD target: the EMA actor's best of target_samples by the target critics
+        # the kept candidate's min-Q is the max over the candidates: no second target-critic pass needed
+        _, next_q = sample_actions(actor_target, qf1_target, qf2_target, schedule, b_next_obs, args.target_samples,
+                                   backend)
+        target_q = next_q.max(1).values
+        td_target = b_rewards + args.gamma * (1.0 - b_dones) * target_q  # [B]
+
+    qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+    qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
+    q_optimizer.zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    if args.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_([*qf1.parameters(), *qf2.parameters()], args.max_grad_norm)
+    q_optimizer.step()
+
+    # Q-weighted VLO on a fresh batch: per state keep the best of train_samples online-actor samples, scored by the
+    # just-updated critics, with weight w(s); append num_uniform uniform actions per state, weight omega * w(s) (the
+    # entropy term); one denoising loss over all (1 + num_uniform) * B rows.
+    p_obs = rb.sample(args.batch_size)[0]  # [B, S]
+    with torch.no_grad():
+        # best_actions [B, A]; q [B, K]: min-Q of all K = train_samples candidates
+        best_actions, q = sample_actions(actor, qf1, qf2, schedule, p_obs, args.train_samples, backend)
+        q_stats.lerp_(torch.stack([q.mean(), q.std()]), 0.001)  # official running_q_mean / running_q_std
+        weights = q_weights(q, args.q_transform, q_stats[0], q_stats[1])  # [B]
+        rows_obs, x0, rows_w = actor_rows(p_obs, best_actions, weights, alpha, args.num_uniform)
+        t = torch.randint(0, schedule.T, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = schedule.q_sample(x0, t, eps)
+    eps_pred = actor(rows_obs, x_t, t)  # [(1 + N_e) B, A]
+    actor_loss = q_weighted_loss(eps_pred, eps, rows_w)
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    if args.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+    actor_optimizer.step()
+    with torch.no_grad():  # EMA of the actor and the critics, every update
+        online = [*actor.parameters(), *qf1.parameters(), *qf2.parameters()]
+        targets = [*actor_target.parameters(), *qf1_target.parameters(), *qf2_target.parameters()]
+        torch._foreach_lerp_(targets, online, args.tau)
+    return {"next_q": next_q, "td_target": td_target, "qf1_values": qf1_a_values.detach(),
+            "qf2_values": qf2_a_values.detach(), "qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(), "q": q,
+            "best_actions": best_actions, "weights": weights, "rows_obs": rows_obs, "rows_actions": x0,
+            "rows_weights": rows_w, "x_t": x_t, "eps_pred": eps_pred.detach(), "actor_loss": actor_loss.detach()}
 
 
 @torch.no_grad()
@@ -579,8 +695,6 @@ if __name__ == "__main__":
     # running mean and std of the sampled Q values (official alpha_mean = alpha_std = 0.001), for qexpn / qcut*n
     q_stats = torch.tensor([0.0, 1.0], device=device)
     schedule = DDPMSchedule(cosine_beta_schedule(args.diffusion_steps), device)
-    online_params = [*actor.parameters(), *qf1.parameters(), *qf2.parameters()]
-    target_params = [*actor_target.parameters(), *qf1_target.parameters(), *qf2_target.parameters()]
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
 
     def act(denoiser: Denoiser, obs: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -659,47 +773,12 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: training.
         if rb.size >= args.learning_starts:
-            b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
-            with torch.no_grad():  # TD target: the EMA actor's best of target_samples by the target critics
-                # the kept candidate's min-Q is the max over the candidates: no second target-critic pass needed
-                _, next_q = sample_actions(actor_target, qf1_target, qf2_target, schedule, b_next_obs,
-                                           args.target_samples, backend)
-                target_q = next_q.max(1).values
-                td_target = b_rewards + args.gamma * (1.0 - b_dones) * target_q
-
-            qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
-            qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
-            q_optimizer.zero_grad()
-            (qf1_loss + qf2_loss).backward()
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_([*qf1.parameters(), *qf2.parameters()], args.max_grad_norm)
-            q_optimizer.step()
-
-            # Q-weighted VLO on a fresh batch: per state keep the best of train_samples online-actor samples, scored
-            # by the just-updated critics, with weight w(s); append num_uniform uniform actions per state, weight
-            # omega * w(s) (the entropy term); one denoising loss over all (1 + num_uniform) * B rows.
-            p_obs = rb.sample(args.batch_size)[0]  # [B, S]
-            with torch.no_grad():
-                # best_actions [B, A]; q [B, K]: min-Q of all K = train_samples candidates
-                best_actions, q = sample_actions(actor, qf1, qf2, schedule, p_obs, args.train_samples, backend)
-                q_stats.lerp_(torch.stack([q.mean(), q.std()]), 0.001)  # official running_q_mean / running_q_std
-                weights = q_weights(q, args.q_transform, q_stats[0], q_stats[1])  # [B]
-                rows_obs, x0, rows_w = actor_rows(p_obs, best_actions, weights, alpha, args.num_uniform)
-                t = torch.randint(0, schedule.T, (len(x0),), device=device)
-                eps = torch.randn_like(x0)
-                x_t = schedule.q_sample(x0, t, eps)
-            actor_loss = q_weighted_loss(actor(rows_obs, x_t, t), eps, rows_w)
-            actor_optimizer.zero_grad()
-            actor_loss.backward()
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-            actor_optimizer.step()
-            with torch.no_grad():  # EMA of the actor and the critics, every update
-                torch._foreach_lerp_(target_params, online_params, args.tau)
+            out = update(args, actor, actor_target, qf1, qf2, qf1_target, qf2_target, q_optimizer, actor_optimizer,
+                         q_stats, schedule, rb, alpha, backend)
             update_step += 1
-            losses.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), qf1_values=qf1_a_values.detach().mean(),
-                          qf2_values=qf2_a_values.detach().mean(), actor_loss=actor_loss.detach(),
-                          q_weight=weights.mean(), q_best=q.max(1).values.mean(), q_samples=q.mean())
+            losses.update(qf1_loss=out["qf1_loss"], qf2_loss=out["qf2_loss"], qf1_values=out["qf1_values"].mean(),
+                          qf2_values=out["qf2_values"].mean(), actor_loss=out["actor_loss"],
+                          q_weight=out["weights"].mean(), q_best=out["q"].max(1).values.mean(), q_samples=out["q"].mean())
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals; a status line also
         # every `status_interval` seconds, so that a slow run (Ant on a CPU: ~5 env steps/s) shows it is alive

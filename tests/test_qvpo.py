@@ -96,24 +96,51 @@ def test_sample_actions_keeps_best_and_returns_all_q():
     torch.manual_seed(0)
     d = qvpo.Denoiser(3, 2, hidden_dim=32, time_dim=32, diffusion_steps=5)
     sched = qvpo.DDPMSchedule(qvpo.cosine_beta_schedule(5), torch.device("cpu"))
-    target = torch.tensor([0.3, -0.2])
+    qf1, qf2 = qvpo.QNetwork(3, 2, 32), qvpo.QNetwork(3, 2, 32)
 
-    def q(obs, a):  # prefers actions close to `target`
-        return -((a - target) ** 2).sum(-1)
+    def q(obs, a):  # min(Q1, Q2) through the modules' own (autograd) forward
+        return torch.min(qf1(obs, a), qf2(obs, a))
 
     obs = torch.randn(6, 3)
     torch.manual_seed(123)
-    best, q_all = qvpo.sample_actions(d, q, q, sched, obs, num_samples=10)
+    best, q_all = qvpo.sample_actions(d, qf1, qf2, sched, obs, num_samples=10)
     assert best.shape == (6, 2) and q_all.shape == (6, 10) and best.abs().max() <= 1.0
     torch.manual_seed(123)  # replay the draws: x_T ~ N(0, I) (unscaled), then the per-step noise
     obs_rep = obs.repeat_interleave(10, 0)
     x, noise = torch.randn(60, 2), torch.randn(5, 60, 2)
     with torch.no_grad():
         cands = qvpo.reverse_chain(d, sched, obs_rep, x, noise).clamp(-1, 1).view(6, 10, 2)
-    torch.testing.assert_close(q_all, q(None, cands))
+        expected_q = q(obs_rep, cands.view(60, 2)).view(6, 10)
+    torch.testing.assert_close(q_all, expected_q)
     torch.testing.assert_close(best, cands[torch.arange(6), q_all.argmax(1)])
     # the TD target uses q_all.max(1) as the kept candidate's min-Q instead of scoring it a second time
-    torch.testing.assert_close(q_all.max(1).values, q(obs, best))
+    with torch.no_grad():
+        torch.testing.assert_close(q_all.max(1).values, q(obs, best))
+
+
+def test_inplace_mish_matches_f_mish_everywhere():
+    h = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e30, -88.0, 19.99, 20.0, 20.01, 1e30, 0.0])])
+    e, d = torch.empty_like(h), torch.empty_like(h)
+    out = qvpo.mish_(h.clone(), e, d)
+    exact = (h.double() * torch.tanh(torch.nn.functional.softplus(h.double()))).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, exact, rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(out, torch.nn.functional.mish(h), rtol=1e-6, atol=1e-30)
+
+
+def test_blocked_no_grad_passes_equal_the_modules_across_block_edges(monkeypatch):
+    """reverse_chain and min_q run BLOCK_ROWS rows at a time on CPU: with blocks of 7 over 30 rows (a partial last
+    block) they must give what whole-batch passes through the modules give."""
+    d, sched, obs, x, noise = chain_problem(30, 32, 32, 4)
+    qf1, qf2 = qvpo.QNetwork(3, 2, 32), qvpo.QNetwork(3, 2, 32)
+    with torch.no_grad():
+        whole = qvpo.reverse_chain(d, sched, obs, x, noise)
+        whole_q = qvpo.min_q(qf1, qf2, obs, x)
+        monkeypatch.setattr(qvpo, "BLOCK_ROWS", 7)
+        torch.testing.assert_close(qvpo.reverse_chain(d, sched, obs, x, noise), whole)
+        torch.testing.assert_close(qvpo.min_q(qf1, qf2, obs, x), whole_q)
+        torch.testing.assert_close(whole_q, torch.min(qf1(obs, x), qf2(obs, x)))
+        torch.testing.assert_close(whole, textbook_reverse_chain(lambda x_t, t: d(obs, x_t, t), sched, x, noise))
 
 
 def test_q_transforms_hand_checked():
