@@ -172,7 +172,7 @@ class ScriptSide:
                 moments = [torch_to_haiku(self.modules[k], self.names[k], (lambda p, m=m: opt.state[p][m]) if st
                                           else torch.zeros_like) for m in ("exp_avg", "exp_avg_sq")]
             adam[k] = (count, *moments)
-        return {"params": self.params(), "log_alpha": float(self.agent.log_alpha), "adam": adam, "step": self.step}
+        return {"params": self.params(), "log_alpha": float(self.agent.log_alpha.detach()), "adam": adam, "step": self.step}
 
     def import_state(self, state: dict) -> None:
         """Load another side's state: weights, log alpha, Adam moments and counts, update counter."""
@@ -197,10 +197,10 @@ class ScriptSide:
                                 "exp_avg_sq": v.reshape(p.shape).clone()}
         self.step = state["step"]
 
-    def adam_given(self, grads: dict[str, dict], step: int) -> dict[str, np.ndarray]:
-        """The update vectors the script's optimizers make from the current state given these gradients (haiku trees
-        for q1, q2 and, on policy steps, policy), per net as flat dicts; the agent itself is left unchanged."""
-        saved = copy.deepcopy(self.agent)  # modules and optimizers together, so the optimizers point at the copies
+    def adam_given(self, grads: dict[str, dict], step: int, agent: "sd.Agent | None" = None) -> dict[str, dict]:
+        """The update vectors the script's optimizers make from the current state (or `agent`'s) given these gradients
+        (haiku trees for q1, q2 and, on policy steps, policy), per net as flat dicts; the agent is left unchanged."""
+        saved = copy.deepcopy(agent or self.agent)  # modules and optimizers together: the optimizers use the copies
         side = copy.copy(self)
         side.agent = saved
         side.modules = {"q1": saved.qf1, "q2": saved.qf2, "policy": saved.actor}
@@ -249,7 +249,7 @@ class ScriptSide:
             out[f"sampler output, all particles ({tag})"] = acts
             out[f"particle min-Q ({tag})"] = q
             out[f"best-of-N index ({tag})"] = best
-        captured = []
+        captured, before = [], copy.deepcopy(a)
 
         def targets_fn(*fn_args):
             captured.append(self.targets_fn(*fn_args))
@@ -273,6 +273,7 @@ class ScriptSide:
             out["policy lr"] = torch.tensor(a.actor_optimizer.param_groups[0]["lr"], dtype=torch.float64)
             grads["policy"] = torch_to_haiku(a.actor, self.names["policy"], lambda p: p.grad)
         self.last_grads = grads
+        self.last_updates = self.adam_given(grads, self.step, before)  # what this update's optimizers added
         if "alpha_loss" in losses:
             out["alpha loss"] = losses["alpha_loss"]
             out["log alpha gradient"] = a.log_alpha.grad
@@ -373,7 +374,7 @@ def run_updates(comparison: Comparison, ours, official, shapes: Shapes, steps: l
         if resync:
             ours.import_state(official.export_state())
         theirs = official.update(batch, draws)
-        if resync:
+        if resync and getattr(official, "last_updates", None) is not None:
             for net, updates in ours.adam_given(official.last_grads, step).items():
                 for name, u in updates.items():
                     comparison.add("Adam update vector given the official gradients (torch Adam vs optax)", u,
