@@ -129,7 +129,8 @@ class Args:
     time_dim: int = 16
     """size of the sinusoidal time embedding"""
     clip_actions: bool = True
-    """clip exploration actions to [-1, 1] before env.step (the official code does not)"""
+    """clip exploration actions to [-1, 1] before env.step (so the buffer holds clipped actions) and the TD target's
+    next action alike (the official code clips neither)"""
 
 
 SCRIPT = os.path.basename(__file__)
