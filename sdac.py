@@ -108,8 +108,8 @@ class Args:
     num_reverse_samples: int = 64
     """reverse samples per state in the reweighted score-matching loss"""
     compile: bool = True
-    """torch.compile the no-grad part of each update (both reverse chains and all Q evaluations; with --kernels torch:
-    ~2x faster updates on CPU, the first updates compile for ~1 min); eager with a warning if it fails"""
+    """torch.compile the no-grad part of each update (both reverse chains and all Q evaluations; with --kernels torch;
+    faster on CPU, the first two updates compile for about a minute); eager with a warning if it fails"""
     noise_scale: float = 0.1
     """std of the Gaussian exploration noise is noise_scale * alpha"""
     alpha_init: float = 5.0
