@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -110,6 +110,9 @@ class Args:
     """candidate actions per state; the one with the largest min(Q1, Q2) is kept"""
     num_reverse_samples: int = 64
     """reverse samples per state in the reweighted score-matching loss"""
+    compile: bool = True
+    """torch.compile the no-grad part of each update (both reverse chains and all Q evaluations; with --kernels torch;
+    faster on CPU, the first two updates compile for about a minute); eager with a warning if it fails"""
     noise_scale: float = 0.1
     """std of the Gaussian exploration noise is noise_scale * alpha"""
     alpha_init: float = 5.0
@@ -129,7 +132,8 @@ class Args:
     time_dim: int = 16
     """size of the sinusoidal time embedding"""
     clip_actions: bool = True
-    """clip exploration actions to [-1, 1] before env.step (the official code does not)"""
+    """clip exploration actions to [-1, 1] before env.step (so the buffer holds clipped actions) and the TD target's
+    next action alike (the official code clips neither)"""
 
 
 SCRIPT = os.path.basename(__file__)
@@ -295,10 +299,26 @@ def haiku_linear(in_dim: int, out_dim: int) -> nn.Linear:
     return layer
 
 
+def mish_one_exp(z: torch.Tensor) -> torch.Tensor:
+    """mish(z) = z tanh(softplus(z)) with one exp: with e = exp(z), tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2);
+    for z > 20, mish(z) = z in fp32."""
+    e = torch.exp(z.clamp(max=20.0))
+    n = e * (e + 2.0)
+    return torch.where(z > 20.0, z, z * n / (n + 2.0))
+
+
+class Mish(nn.Module):
+    """F.mish in eager mode; the one-exp formula inside torch.compile (--compile), where inductor fuses it with the
+    neighbouring ops (F.mish would decompose into exp + log1p + tanh, several times slower on CPU)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return mish_one_exp(z) if torch.compiler.is_compiling() else F.mish(z)
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """in -> 3 x [Linear(hidden), Mish] -> Linear(out)."""
-    return nn.Sequential(haiku_linear(in_dim, hidden_dim), nn.Mish(), haiku_linear(hidden_dim, hidden_dim), nn.Mish(),
-                         haiku_linear(hidden_dim, hidden_dim), nn.Mish(), haiku_linear(hidden_dim, out_dim))
+    return nn.Sequential(haiku_linear(in_dim, hidden_dim), Mish(), haiku_linear(hidden_dim, hidden_dim), Mish(),
+                         haiku_linear(hidden_dim, hidden_dim), Mish(), haiku_linear(hidden_dim, out_dim))
 
 
 class QNetwork(nn.Module):
@@ -323,7 +343,7 @@ class Denoiser(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, time_dim: int, diffusion_steps: int):
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.time_mlp = nn.Sequential(haiku_linear(time_dim, 2 * time_dim), nn.Mish(), haiku_linear(2 * time_dim, time_dim))
+        self.time_mlp = nn.Sequential(haiku_linear(time_dim, 2 * time_dim), Mish(), haiku_linear(2 * time_dim, time_dim))
         self.net = mlp(obs_dim + act_dim + time_dim, hidden_dim, act_dim)
         self.register_buffer("time_features", sinusoidal_embedding(torch.arange(diffusion_steps), time_dim))  # [T, E]
 
@@ -396,13 +416,19 @@ def reverse_chain(denoiser: Denoiser, schedule: DDPMSchedule, obs: torch.Tensor,
 
 @torch.no_grad()
 def sample_actions(denoiser: Denoiser, qf1: QNetwork, qf2: QNetwork, schedule: DDPMSchedule, obs: torch.Tensor,
-                   num_particles: int, init_noise_scale: float, backend: str = "torch") -> torch.Tensor:
-    """Best of `num_particles` diffusion samples per state by min(Q1, Q2): [B, S] -> [B, A] in [-1, 1]."""
+                   num_particles: int, init_noise_scale: float, backend: str = "torch", x_T: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Best of `num_particles` diffusion samples per state by min(Q1, Q2): [B, S] -> [B, A] in [-1, 1].
+
+    x_T: [B*P, A] and noise: [T, B*P, A] are standard normal draws (row b*P + p is particle p of state b), drawn here
+    when not given; x_T is scaled by `init_noise_scale`."""
     batch, act_dim = obs.shape[0], denoiser.act_dim
     obs_rep = obs.repeat_interleave(num_particles, 0)  # [B*P, S], particles of a state are contiguous
-    x = init_noise_scale * torch.randn(batch * num_particles, act_dim, device=obs.device)
-    noise = torch.randn(schedule.T, batch * num_particles, act_dim, device=obs.device)
-    actions = reverse_chain(denoiser, schedule, obs_rep, x, noise, backend).clamp(-1.0, 1.0)
+    if x_T is None:
+        x_T = torch.randn(batch * num_particles, act_dim, device=obs.device)
+    if noise is None:
+        noise = torch.randn(schedule.T, batch * num_particles, act_dim, device=obs.device)
+    actions = reverse_chain(denoiser, schedule, obs_rep, init_noise_scale * x_T, noise, backend).clamp(-1.0, 1.0)
     q = torch.min(qf1(obs_rep, actions), qf2(obs_rep, actions)).view(batch, num_particles)
     return actions.view(batch, num_particles, act_dim)[torch.arange(batch, device=obs.device), q.argmax(1)]
 
@@ -415,6 +441,180 @@ def reweighted_score_matching_loss(eps_pred: torch.Tensor, eps: torch.Tensor, q:
     of each reverse sample a0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); q: [B, R] min-Q of each a0_hat."""
     weights = torch.softmax(q / temperature, dim=1)
     return (weights[..., None] * (eps_pred[:, None] - eps) ** 2).mean()
+
+
+class Agent(NamedTuple):
+    """Everything one gradient update reads and changes: online and target (EMA) networks, optimizers, log alpha."""
+    actor: Denoiser
+    actor_target: Denoiser
+    qf1: QNetwork
+    qf2: QNetwork
+    qf1_target: QNetwork
+    qf2_target: QNetwork
+    log_alpha: torch.Tensor  # scalar, requires grad
+    q_optimizer: torch.optim.Optimizer  # one Adam over both critics (Adam is per-parameter: same as one per critic)
+    actor_optimizer: torch.optim.Optimizer
+    alpha_optimizer: torch.optim.Optimizer
+
+
+def make_agent(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> Agent:
+    actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    actor_target = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
+    qf1, qf2 = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device), QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf1_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf2_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
+    log_alpha = torch.tensor(math.log(args.alpha_init), device=device, requires_grad=True)
+    return Agent(actor, actor_target, qf1, qf2, qf1_target, qf2_target, log_alpha,
+                 torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr),
+                 torch.optim.Adam(actor.parameters(), lr=args.policy_lr), torch.optim.Adam([log_alpha], lr=args.alpha_lr))
+
+
+def policy_lr(args: Args, policy_updates: int) -> float:
+    """optax.linear_schedule(policy_lr -> policy_lr_end, transition_begin, transition_steps), in policy updates."""
+    frac = min(max(policy_updates - args.policy_lr_decay_begin, 0) / args.policy_lr_decay_steps, 1.0)
+    return args.policy_lr + frac * (args.policy_lr_end - args.policy_lr)
+
+
+class UpdateNoise(NamedTuple):
+    """Every random draw of one gradient update (standard normal unless noted); the update is a function of these.
+    B = batch, P = particles, R = reverse samples, T = diffusion steps, A = action dim."""
+    next_x_T: torch.Tensor  # [B*P, A] x_T of the TD target's particles (scaled by init_noise_scale)
+    next_chain: torch.Tensor  # [T, B*P, A] their reverse-chain noise, row t added at step t > 0
+    next_explore: torch.Tensor  # [B, A] the N(0, (noise_scale alpha)^2) noise on the target's action
+    anchor_x_T: torch.Tensor | None  # the same three for the score-matching anchor a~ (None: no policy update)
+    anchor_chain: torch.Tensor | None
+    anchor_explore: torch.Tensor | None
+    t: torch.Tensor | None  # [B] integer diffusion step of each anchor, uniform in 0..T-1
+    q_sample_eps: torch.Tensor | None  # [B, A] forward noise: x_t = sqrt(abar_t) a~ + sqrt(1 - abar_t) eps
+    reverse_eps: torch.Tensor | None  # [B, R, A] noise of each reverse sample a0_hat
+
+
+def draw_update_noise(args: Args, update_step: int, act_dim: int, device: torch.device) -> UpdateNoise:
+    """The draws of update `update_step`; the policy-loss ones only on steps that apply a policy update."""
+    B, P, R, T = args.batch_size, args.num_particles, args.num_reverse_samples, args.diffusion_steps
+
+    def chain() -> tuple[torch.Tensor, ...]:
+        return (torch.randn(B * P, act_dim, device=device), torch.randn(T, B * P, act_dim, device=device),
+                torch.randn(B, act_dim, device=device))
+
+    if update_step % args.policy_frequency != 0:
+        return UpdateNoise(*chain(), *[None] * 6)
+    return UpdateNoise(*chain(), *chain(), torch.randint(0, T, (B,), device=device),
+                       torch.randn(B, act_dim, device=device), torch.randn(B, R, act_dim, device=device))
+
+
+class Targets(NamedTuple):
+    """The no-grad quantities of one update, computed with the pre-update networks (as the official jitted step)."""
+    next_actions: torch.Tensor  # [B, A] best-of-P action at s' plus exploration noise (clipped with --clip-actions)
+    td_target: torch.Tensor  # [B] reward_scale r + gamma (1 - d) min(Q1_targ, Q2_targ)(s', a')
+    anchor: torch.Tensor | None  # [B, A] score-matching anchor a~ (None: no policy update)
+    x_t: torch.Tensor | None  # [B, A] the anchor noised to step t
+    a0_hat: torch.Tensor | None  # [B, R, A] reverse samples, clipped to [-1, 1]
+    q_rev: torch.Tensor | None  # [B, R] min(Q1, Q2) of each reverse sample
+
+
+@torch.no_grad()
+def compute_targets(agent: Agent, schedule: DDPMSchedule, args: Args, batch: tuple[torch.Tensor, ...],
+                    noise: UpdateNoise, backend: str = "torch") -> Targets:
+    """Both reverse chains (TD target's a' and the anchor a~) and every Q evaluation without gradient; the policy
+    part only when `noise` holds its draws. This is ~all of an update's compute (--compile compiles this function)."""
+    b_obs, b_next_obs, _, b_rewards, b_dones = batch
+    a = agent
+    noise_std = args.noise_scale * a.log_alpha.detach().exp()
+    next_actions = sample_actions(a.actor, a.qf1, a.qf2, schedule, b_next_obs, args.num_particles,
+                                  args.init_noise_scale, backend, noise.next_x_T, noise.next_chain)
+    next_actions = next_actions + noise_std * noise.next_explore  # [B, A]
+    if args.clip_actions:  # the buffer holds clipped actions: score the target's action inside the same box
+        next_actions = next_actions.clamp(-1.0, 1.0)
+    target_q = torch.min(a.qf1_target(b_next_obs, next_actions), a.qf2_target(b_next_obs, next_actions))
+    td_target = args.reward_scale * b_rewards + args.gamma * (1.0 - b_dones) * target_q  # [B]
+    if noise.t is None:
+        return Targets(next_actions, td_target, None, None, None, None)
+    # Reweighted score matching: anchor a~ (best-of-P + noise), noise it to x_t, then draw R reverse samples
+    # a0_hat ~ x_t; each is later weighted by softmax(Q / alpha) over the R samples of its state.
+    anchor = sample_actions(a.actor, a.qf1, a.qf2, schedule, b_obs, args.num_particles, args.init_noise_scale,
+                            backend, noise.anchor_x_T, noise.anchor_chain)
+    anchor = anchor + noise_std * noise.anchor_explore  # [B, A]
+    t = noise.t
+    x_t = schedule.q_sample(anchor, t, noise.q_sample_eps)  # [B, A]
+    a0_hat = (schedule.sqrt_recip_alphas_cumprod[t, None, None] * x_t[:, None]
+              - schedule.sqrt_recipm1_alphas_cumprod[t, None, None] * noise.reverse_eps).clamp(-1.0, 1.0)  # [B, R, A]
+    obs_rep = b_obs.repeat_interleave(args.num_reverse_samples, 0)  # [B*R, S]
+    a0_flat = a0_hat.reshape(-1, a0_hat.shape[-1])
+    q_rev = torch.min(a.qf1(obs_rep, a0_flat), a.qf2(obs_rep, a0_flat)).view(len(b_obs), -1)  # [B, R]
+    return Targets(next_actions, td_target, anchor, x_t, a0_hat, q_rev)
+
+
+def update(agent: Agent, schedule: DDPMSchedule, args: Args, batch: tuple[torch.Tensor, ...], update_step: int,
+           noise: UpdateNoise, backend: str = "torch", targets_fn=compute_targets) -> dict[str, torch.Tensor]:
+    """One gradient update, as the official jitted step: critics every step; denoiser, target (EMA) networks every
+    `policy_frequency` steps; log alpha every `alpha_frequency` steps. Returns the losses it computed (detached).
+    `targets_fn` is `compute_targets` or its compiled version."""
+    b_obs, _, b_actions, _, _ = batch
+    a = agent
+    alpha = a.log_alpha.detach().exp()
+    update_policy = update_step % args.policy_frequency == 0
+    if update_policy != (noise.t is not None):
+        raise ValueError(f"update {update_step}: the policy-loss draws must be given exactly on policy-update steps")
+    targets = targets_fn(a, schedule, args, batch, noise, backend)
+    losses = {}
+
+    qf1_a_values, qf2_a_values = a.qf1(b_obs, b_actions), a.qf2(b_obs, b_actions)
+    qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, targets.td_target), F.mse_loss(qf2_a_values, targets.td_target)
+    a.q_optimizer.zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    a.q_optimizer.step()
+
+    if update_policy:
+        for group in a.actor_optimizer.param_groups:
+            group["lr"] = policy_lr(args, update_step // args.policy_frequency)
+        eps_pred = a.actor(b_obs, targets.x_t, noise.t)  # [B, A]: the same for all R samples of a state: computed once
+        # Q is in reward_scale units: the temperature makes the weights softmax(Q_env / alpha) (official: Q*5/alpha)
+        actor_loss = reweighted_score_matching_loss(eps_pred, noise.reverse_eps, targets.q_rev,
+                                                    args.reward_scale * alpha)
+        a.actor_optimizer.zero_grad()
+        actor_loss.backward()
+        a.actor_optimizer.step()
+        with torch.no_grad():  # EMA of all online networks, after their updates
+            online = [*a.actor.parameters(), *a.qf1.parameters(), *a.qf2.parameters()]
+            target = [*a.actor_target.parameters(), *a.qf1_target.parameters(), *a.qf2_target.parameters()]
+            torch._foreach_lerp_(target, online, args.tau)
+        losses["actor_loss"] = actor_loss.detach()
+
+    if update_step % args.alpha_frequency == 0:
+        # Entropy proxy of the Gaussian exploration noise, N(0, (noise_scale * alpha)^2) per action dim.
+        act_dim = b_actions.shape[1]
+        entropy = 0.5 * act_dim * torch.log(2 * math.pi * math.e * (args.noise_scale * alpha) ** 2)
+        alpha_loss = -a.log_alpha * (args.target_entropy_scale * act_dim - entropy)
+        a.alpha_optimizer.zero_grad()
+        alpha_loss.backward()
+        a.alpha_optimizer.step()
+        losses["alpha_loss"] = alpha_loss.detach()
+    return {**losses, "qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(),
+            "qf1_values": qf1_a_values.detach().mean(), "qf2_values": qf2_a_values.detach().mean()}
+
+
+def compile_or_eager(fn):
+    """torch.compile(fn) with static shapes (the batch never changes), or fn itself after one warning line when
+    compilation fails (e.g. no C++ compiler for inductor's CPU backend): same math either way."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is not None:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # compilation failures come as several exception types
+                first = str(e).splitlines()[0] if str(e) else ""
+                print(f"{SCRIPT}: warning: torch.compile failed ({type(e).__name__}: {first}); training eagerly "
+                      "(slower, same math)", file=sys.stderr, flush=True)
+                compiled = None
+        return fn(*args, **kwargs)
+
+    return call
 
 
 @torch.no_grad()
@@ -526,28 +726,11 @@ if __name__ == "__main__":
     act_dim = envs.single_action_space.shape[0]
 
     # ALGO LOGIC: initialize agent here
-    actor = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
-    actor_target = Denoiser(obs_dim, act_dim, args.hidden_dim, args.time_dim, args.diffusion_steps).to(device)
-    qf1, qf2 = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device), QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
-    qf1_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
-    qf2_target = QNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
-    actor_target.load_state_dict(actor.state_dict())
-    qf1_target.load_state_dict(qf1.state_dict())
-    qf2_target.load_state_dict(qf2.state_dict())
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
-    log_alpha = torch.tensor(math.log(args.alpha_init), device=device, requires_grad=True)
-    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
-    target_entropy = args.target_entropy_scale * act_dim
+    agent = make_agent(obs_dim, act_dim, args, device)
+    actor, actor_target, qf1, qf2, qf1_target, qf2_target, log_alpha, q_optimizer, actor_optimizer, alpha_optimizer = agent
     schedule = DDPMSchedule(linear_beta_schedule(args.diffusion_steps, args.beta_schedule_scale), device)
-    online_params = [*actor.parameters(), *qf1.parameters(), *qf2.parameters()]
-    target_params = [*actor_target.parameters(), *qf1_target.parameters(), *qf2_target.parameters()]
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-
-    def policy_lr(policy_updates: int) -> float:
-        """optax.linear_schedule(3e-4 -> 3e-5, transition_begin, transition_steps), counted in policy updates."""
-        frac = min(max(policy_updates - args.policy_lr_decay_begin, 0) / args.policy_lr_decay_steps, 1.0)
-        return args.policy_lr + frac * (args.policy_lr_end - args.policy_lr)
+    targets_fn = compile_or_eager(compute_targets) if args.compile and backend == "torch" else compute_targets
 
     def act(denoiser: Denoiser, obs: torch.Tensor) -> torch.Tensor:
         return sample_actions(denoiser, qf1, qf2, schedule, obs, args.num_particles, args.init_noise_scale, backend)
@@ -627,58 +810,10 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: training.
         if rb.size >= args.learning_starts:
-            b_obs, b_next_obs, b_actions, b_rewards, b_dones = rb.sample(args.batch_size)
-            noise_std = args.noise_scale * alpha
-            update_policy = update_step % args.policy_frequency == 0
-            with torch.no_grad():  # everything below uses the pre-update networks, as the official jitted step does
-                next_actions = act(actor, b_next_obs)
-                next_actions = next_actions + noise_std * torch.randn_like(next_actions)
-                target_q = torch.min(qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions))
-                td_target = args.reward_scale * b_rewards + args.gamma * (1.0 - b_dones) * target_q
-                if update_policy:
-                    # Reweighted score matching: anchor a~ (best-of-P + noise), noise it to x_t, then draw R reverse
-                    # samples a0_hat ~ x_t and weight each by softmax(Q / alpha) over the R samples of its state.
-                    anchor = act(actor, b_obs)
-                    anchor = anchor + noise_std * torch.randn_like(anchor)  # [B, A]
-                    t = torch.randint(0, schedule.T, (args.batch_size,), device=device)
-                    x_t = schedule.q_sample(anchor, t, torch.randn_like(anchor))  # [B, A]
-                    eps = torch.randn(args.batch_size, args.num_reverse_samples, act_dim, device=device)  # [B, R, A]
-                    a0_hat = (schedule.sqrt_recip_alphas_cumprod[t, None, None] * x_t[:, None]
-                              - schedule.sqrt_recipm1_alphas_cumprod[t, None, None] * eps).clamp(-1.0, 1.0)
-                    obs_rep = b_obs.repeat_interleave(args.num_reverse_samples, 0)  # [B*R, S]
-                    a0_flat = a0_hat.view(-1, act_dim)
-                    q_rev = torch.min(qf1(obs_rep, a0_flat), qf2(obs_rep, a0_flat)).view(args.batch_size, -1)
-
-            qf1_a_values, qf2_a_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
-            qf1_loss, qf2_loss = F.mse_loss(qf1_a_values, td_target), F.mse_loss(qf2_a_values, td_target)
-            q_optimizer.zero_grad()
-            (qf1_loss + qf2_loss).backward()
-            q_optimizer.step()
-
-            if update_policy:
-                for group in actor_optimizer.param_groups:
-                    group["lr"] = policy_lr(update_step // args.policy_frequency)
-                eps_pred = actor(b_obs, x_t, t)  # [B, A]: the same for all R samples of a state, so computed once
-                # Q is in reward_scale units: the temperature makes the weights softmax(Q_env / alpha) (official: Q*5/alpha)
-                actor_loss = reweighted_score_matching_loss(eps_pred, eps, q_rev, args.reward_scale * alpha)
-                actor_optimizer.zero_grad()
-                actor_loss.backward()
-                actor_optimizer.step()
-                with torch.no_grad():
-                    torch._foreach_lerp_(target_params, online_params, args.tau)
-                losses["actor_loss"] = actor_loss.detach()
-
-            if update_step % args.alpha_frequency == 0:
-                # Entropy proxy of the Gaussian exploration noise, N(0, (noise_scale * alpha)^2) per action dim.
-                entropy = 0.5 * act_dim * torch.log(2 * math.pi * math.e * (args.noise_scale * alpha) ** 2)
-                alpha_loss = -log_alpha * (target_entropy - entropy)
-                alpha_optimizer.zero_grad()
-                alpha_loss.backward()
-                alpha_optimizer.step()
-                losses["alpha_loss"] = alpha_loss.detach()
+            noise = draw_update_noise(args, update_step, act_dim, device)
+            losses.update(update(agent, schedule, args, rb.sample(args.batch_size), update_step, noise, backend,
+                                 targets_fn))
             update_step += 1
-            losses.update(qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), qf1_values=qf1_a_values.detach().mean(),
-                          qf2_values=qf2_a_values.detach().mean())
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints at fixed env-step intervals; a status line also
         # every `status_interval` seconds, so that a slow run (Ant on a CPU: ~5 env steps/s) shows it is alive

@@ -194,3 +194,86 @@ def test_learns_pendulum(tmp_path):
                "--tau", "0.05", "--policy-frequency", "1", "--alpha-frequency", "10", cwd=tmp_path)
     summary = read_summary(run_dirs(tmp_path)[0])
     assert summary["final_eval_return"] > -700, summary["eval"]
+
+
+def test_init_matches_haiku_truncated_normal_per_layer():
+    """hk.Linear's default init is TruncatedNormal(stddev=1/sqrt(fan_in)) = stddev * N(0,1) truncated to [-2, 2], with
+    no rescale: effective std 0.8796/sqrt(fan_in), |w| <= 2/sqrt(fan_in); biases zero. Every layer of both nets."""
+    torch.manual_seed(0)
+    weights: dict[int, list] = {}
+    for _ in range(8):
+        for net in (sdac.QNetwork(17, 6, 256), sdac.Denoiser(17, 6, 256, 16, 20)):
+            for layer in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+                fan_in = layer.weight.shape[1]
+                weights.setdefault(fan_in, []).append(layer.weight.detach().flatten() * math.sqrt(fan_in))
+                assert not layer.bias.any()
+    assert set(weights) == {23, 256, 16, 32, 39}  # critic in, hidden; time MLP 16 -> 32 -> 16; denoiser in 17+6+16
+    for fan_in, w in weights.items():
+        z = torch.cat(w).double()
+        assert z.abs().max() <= 2.0 + 1e-6, fan_in
+        se = 0.6 / math.sqrt(len(z))  # sampling error of the std, generous
+        assert abs(z.std().item() - 0.8796) < 5 * se + 1e-3, (fan_in, z.std().item())
+        assert abs(z.mean().item()) < 5 / math.sqrt(len(z)), fan_in
+    # the old 1/0.8796 rescale would give std 1.0: clearly rejected
+    assert abs(torch.cat(weights[256]).std().item() - 1.0) > 0.1
+
+
+def tiny_agent(clip_actions: bool, **kw):
+    args = sdac.Args(batch_size=4, num_particles=3, num_reverse_samples=5, diffusion_steps=4, hidden_dim=16,
+                     clip_actions=clip_actions, **kw)
+    torch.manual_seed(0)
+    agent = sdac.make_agent(3, 2, args, torch.device("cpu"))
+    schedule = sdac.DDPMSchedule(sdac.linear_beta_schedule(4, 0.8), torch.device("cpu"))
+    batch = (torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 2) * 2 - 1, torch.randn(4), torch.zeros(4))
+    return args, agent, schedule, batch
+
+
+def big_explore_noise(args, update_step=1):
+    torch.manual_seed(1)
+    noise = sdac.draw_update_noise(args, update_step, 2, torch.device("cpu"))
+    return noise._replace(next_explore=torch.tensor([[4.0, -4.0]]).repeat(args.batch_size, 1))  # std 0.5 -> +-2
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_td_target_next_action_is_clipped_only_with_clip_actions(clip):
+    """--clip-actions: the buffer holds clipped actions, so the TD target scores a' = clip(best + noise) (the critic
+    never saw actions outside the box); --no-clip-actions keeps the official unclipped a' = best + noise."""
+    args, agent, schedule, batch = tiny_agent(clip)
+    noise = big_explore_noise(args)
+    targets = sdac.compute_targets(agent, schedule, args, batch, noise)
+    best = sdac.sample_actions(agent.actor, agent.qf1, agent.qf2, schedule, batch[1], 3, 0.5, "torch",
+                               noise.next_x_T, noise.next_chain)
+    unclipped = best + 0.1 * 5.0 * noise.next_explore  # noise_scale * alpha (alpha starts at 5)
+    expected = unclipped.clamp(-1, 1) if clip else unclipped
+    torch.testing.assert_close(targets.next_actions, expected)
+    assert (targets.next_actions.abs().max() <= 1.0) == clip
+    with torch.no_grad():
+        q = torch.min(agent.qf1_target(batch[1], expected), agent.qf2_target(batch[1], expected))
+    torch.testing.assert_close(targets.td_target, 0.2 * batch[3] + 0.99 * (1 - batch[4]) * q)
+    assert targets.anchor is None  # update 1 is not a policy step: no policy-loss draws, no anchor
+
+
+def test_update_is_a_function_of_its_draws():
+    """Same state, batch and draws give the same update; the policy-step draws must match the step's kind."""
+    results = []
+    for _ in range(2):
+        args, agent, schedule, batch = tiny_agent(True)
+        torch.manual_seed(5)
+        losses = sdac.update(agent, schedule, args, batch, 0, sdac.draw_update_noise(args, 0, 2, torch.device("cpu")))
+        results.append((losses, [p.detach().clone() for p in agent.actor.parameters()]))
+    assert set(results[0][0]) == {"actor_loss", "alpha_loss", "qf1_loss", "qf2_loss", "qf1_values", "qf2_values"}
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    args, agent, schedule, batch = tiny_agent(True)
+    with pytest.raises(ValueError, match="policy-loss draws"):
+        sdac.update(agent, schedule, args, batch, 1, sdac.draw_update_noise(args, 0, 2, torch.device("cpu")))
+
+
+def test_compiled_targets_equal_eager():
+    """--compile compiles compute_targets (with the one-exp Mish): same targets as eager up to fp32 rounding."""
+    args, agent, schedule, batch = tiny_agent(False)
+    noise = sdac.draw_update_noise(args, 0, 2, torch.device("cpu"))
+    eager = sdac.compute_targets(agent, schedule, args, batch, noise)
+    compiled = torch.compile(sdac.compute_targets, dynamic=False)(agent, schedule, args, batch, noise)
+    for name, a, b in zip(eager._fields, eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
