@@ -2,22 +2,16 @@
 itself must pass with every quantity compared, each planted difference must be reported, and the injected random
 draws must be consumed exactly as generated, so the harness cannot pass silently."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
-from helpers import REPO
+from helpers import load_module
 
 SMALL = ["--self-test", "--updates", "2", "--init-draws", "2"]
 
 
 @pytest.fixture(scope="module")
 def harness():
-    spec = importlib.util.spec_from_file_location("parity_qvpo", os.path.join(REPO, "benchmarks", "parity", "qvpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/parity/qvpo.py", "parity_qvpo")
 
 
 def run(harness, capsys, *extra) -> tuple[int, str]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: the scripts share these names
 import common  # noqa: E402
 
 URL, COMMIT = "https://github.com/wadx2019/qvpo", "40a1974"

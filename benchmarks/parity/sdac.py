@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: the scripts share these names
 from common import Comparison, environment, load_script, require_official, speed_table, time_interleaved  # noqa: E402
 
 sd = load_script("sdac")
