@@ -185,15 +185,18 @@ def test_capture_video_without_moviepy_fails_at_start(tmp_path):
 
 def test_learns_pendulum(tmp_path):
     """Pendulum-v1 (action bounds +-2, rescaled): random and untrained policies score about -1200 to -1700; SDAC with
-    reduced particles, steps and width, and a faster EMA (tau 0.05, updated every step) must clearly beat that within
-    1000 updates. Seen here: -160 and -124 at 1000 and 1500 steps (seed 1)."""
-    run_script("sdac.py", "--env-id", "Pendulum-v1", "--total-timesteps", "1500", "--learning-starts", "500",
-               "--num-envs", "1", "--batch-size", "64", "--eval-frequency", "1500", "--eval-episodes", "4",
+    reduced particles, steps and width, and a faster EMA (tau 0.05, updated every step) must clearly beat that. One
+    evaluation at one step is a poor test on this scale: across seeds a learnt policy sometimes scores -800 to -1500 at
+    a single evaluation between good ones (-120 to -160), with or without --clip-actions. So: evaluations at 1500, 2000
+    and 2500 env steps, and their median must beat -700. Seen here, seeds 1-6: medians -121 to -157."""
+    run_script("sdac.py", "--env-id", "Pendulum-v1", "--total-timesteps", "2500", "--learning-starts", "500",
+               "--num-envs", "1", "--batch-size", "64", "--eval-frequency", "500", "--eval-episodes", "4",
                "--log-frequency", "500", "--num-particles", "8", "--num-reverse-samples", "16",
                "--diffusion-steps", "5", "--hidden-dim", "64", "--q-lr", "1e-3", "--policy-lr", "1e-3",
                "--tau", "0.05", "--policy-frequency", "1", "--alpha-frequency", "10", cwd=tmp_path)
-    summary = read_summary(run_dirs(tmp_path)[0])
-    assert summary["final_eval_return"] > -700, summary["eval"]
+    evals = read_summary(run_dirs(tmp_path)[0])["eval"]
+    late = [e["mean_return"] for e in evals if e["step"] >= 1500]
+    assert len(late) == 3 and float(np.median(late)) > -700, evals
 
 
 def test_init_matches_haiku_truncated_normal_per_layer():
