@@ -23,7 +23,6 @@ on the truncated rows, by gamma * min Q'(s', a'), and nowhere else.
 
 import argparse
 import contextlib
-import copy
 import importlib.util
 import math
 import os
