@@ -148,7 +148,7 @@ def plot_task(task: str, groups: dict[str, list[RunData]], path: Path) -> None:
         if not runs:
             continue
         steps, mean, std = curve_stats(runs)
-        ax.plot(steps, mean, label=f"{script} ({len(runs)} seeds)")
+        ax.plot(steps, mean, marker="o", markersize=3, label=f"{script} ({len(runs)} seed{'s' * (len(runs) > 1)})")
         ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
         budgets.append(max(r.budget for r in runs))
     ax.set_xlabel("gradient steps" if offline else "env steps")
