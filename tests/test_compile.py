@@ -1,5 +1,5 @@
-"""The --compile fallback of the offline scripts (diffusion_ql.py, dtql.py): a failed torch.compile must cost one
-warning line and leave the math to the eager function, never abort the run."""
+"""The --compile fallback of the scripts that compile (diffusion_ql.py, dtql.py, sdac.py): a failed torch.compile
+must cost one warning line and leave the math to the eager function, never abort the run."""
 
 import importlib
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("script", ["diffusion_ql", "dtql"])
+@pytest.mark.parametrize("script", ["diffusion_ql", "dtql", "sdac"])
 def test_compile_or_eager_falls_back_with_one_warning(script, monkeypatch, capsys):
     module = importlib.import_module(script)
 
