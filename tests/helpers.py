@@ -24,6 +24,17 @@ def load_module(path: str | Path, name: str):
     return module
 
 
+def run_harness(harness, capsys, args: list[str]) -> tuple[int, str]:
+    """A parity harness's main(args) in this process: its exit code and stdout. The harness pins torch to one thread
+    (as its speed mode needs); the suite's thread count is restored after it."""
+    threads = torch.get_num_threads()
+    try:
+        code = harness.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    return code, capsys.readouterr().out
+
+
 def run_script(script: str, *args: str, cwd: Path, timeout: float = 600, check: bool = True,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs `python <repo>/<script> <args>` with `cwd` as working directory (so `runs/` lands there)."""

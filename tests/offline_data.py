@@ -21,6 +21,7 @@ from __future__ import annotations
 import gymnasium as gym
 import minari
 import numpy as np
+import torch
 from minari.data_collector import EpisodeBuffer
 
 # Metadata Minari warns about when it is missing.
@@ -166,3 +167,23 @@ def make_goal_dataset(dataset_id: str = "test/antmaze/goal-v0", terminate_last: 
         dataset_id, buffers, env=spec, eval_env=spec, algorithm_name="scripted goal rewards", author=_AUTHOR,
         author_email=_EMAIL, code_permalink=_PERMALINK, ref_min_score=0.0, ref_max_score=1.0,
         description="antmaze-style sparse goal rewards, no terminations")
+
+
+def check_goal_terminals(script, reward_tune: str) -> tuple[dict, torch.Tensor, int]:
+    """What both offline scripts' antmaze tests share: goal terminals are on by default for antmaze datasets only, and
+    on the goal dataset they mark exactly its 4 reward-1 steps (Minari's own terminations: none). Returns the marked
+    tensors, the raw rewards and the number of goal steps, for each script's own checks of rewards and actions."""
+    dataset = make_goal_dataset()
+    goal_steps = sum(r == 1.0 for ep in GOAL_EPISODE_REWARDS for r in ep)
+    assert goal_steps == 4
+    resolve = script.resolve_preset
+    assert resolve(script.Args(dataset_id="D4RL/antmaze/umaze-v1"))[0].goal_terminals is True
+    assert resolve(script.Args(dataset_id="mujoco/hopper/medium-v0"))[0].goal_terminals is False
+    assert resolve(script.Args(dataset_id="D4RL/antmaze/umaze-v1", goal_terminals=False))[0].goal_terminals is False
+    marked = script.dataset_tensors(dataset, reward_tune, torch.device("cpu"), goal_terminals=True)
+    plain = script.dataset_tensors(dataset, reward_tune, torch.device("cpu"), goal_terminals=False)
+    raw = torch.tensor([r for ep in GOAL_EPISODE_REWARDS for r in ep])
+    assert int((marked["not_dones"] == 0).sum()) == goal_steps
+    assert torch.equal(marked["not_dones"].reshape(-1) == 0, raw == 1.0)  # exactly the goal steps
+    assert int((plain["not_dones"] == 0).sum()) == 0
+    return marked, raw, goal_steps

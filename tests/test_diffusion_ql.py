@@ -294,18 +294,7 @@ def test_dataset_transitions_cut_bootstrap_at_terminations_only(minari_root):
 def test_antmaze_goal_steps_end_the_bootstrap_by_default_and_actions_are_not_clipped(minari_root):
     """D4RL's antmaze `terminals` (1 on every reward-1 step, so not_done = 0 there) for antmaze datasets by default;
     Minari's antmaze episodes never terminate. Counted on a dataset with 4 goal steps in 12 transitions."""
-    dataset = offline_data.make_goal_dataset()
-    goal_steps = sum(r == 1.0 for ep in offline_data.GOAL_EPISODE_REWARDS for r in ep)
-    assert goal_steps == 4
-    assert dql.resolve_preset(dql.Args(dataset_id="D4RL/antmaze/umaze-v1"))[0].goal_terminals is True
-    assert dql.resolve_preset(dql.Args(dataset_id="mujoco/hopper/medium-v0"))[0].goal_terminals is False
-    assert dql.resolve_preset(dql.Args(dataset_id="D4RL/antmaze/umaze-v1", goal_terminals=False))[0].goal_terminals is False
-    marked = dql.dataset_tensors(dataset, "cql_antmaze", torch.device("cpu"), goal_terminals=True)
-    plain = dql.dataset_tensors(dataset, "cql_antmaze", torch.device("cpu"), goal_terminals=False)
-    raw = torch.tensor([r for ep in offline_data.GOAL_EPISODE_REWARDS for r in ep])
-    assert int((marked["not_dones"] == 0).sum()) == goal_steps
-    assert torch.equal(marked["not_dones"] == 0, raw == 1.0)  # exactly the goal steps
-    assert int((plain["not_dones"] == 0).sum()) == 0  # Minari's own terminations: none
+    marked, raw, goal_steps = offline_data.check_goal_terminals(dql, "cql_antmaze")
     torch.testing.assert_close(marked["rewards"], (raw - 0.5) * 4)  # the reward transform is unchanged
     ended = dql.dataset_tensors(offline_data.make_goal_dataset("test/antmaze/goal-ended-v0", terminate_last=True),
                                 "no", torch.device("cpu"), goal_terminals=True)

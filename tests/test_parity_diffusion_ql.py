@@ -5,7 +5,7 @@ itself must pass, and each planted difference must be reported as a mismatch, so
 import pytest
 import torch
 
-from helpers import load_module
+from helpers import load_module, run_harness
 
 SMALL = ["--self-test", "--updates", "6", "--batch-size", "64", "--transitions", "500", "--init-draws", "3",
          "--eval-states", "2"]
@@ -17,12 +17,7 @@ def harness():
 
 
 def run(harness, capsys, *extra) -> tuple[int, str]:
-    threads = torch.get_num_threads()
-    try:
-        code = harness.main([*SMALL, *extra])
-    finally:
-        torch.set_num_threads(threads)
-    return code, capsys.readouterr().out
+    return run_harness(harness, capsys, [*SMALL, *extra])
 
 
 def test_script_against_itself_passes_with_every_quantity_compared(harness, capsys):

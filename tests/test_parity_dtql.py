@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dtql
-from helpers import REPO, load_module
+from helpers import REPO, load_module, run_harness
 
 SMALL = ["--self-test", "--updates", "6", "--pretrain-updates", "2", "--batch-size", "32", "--hidden-dim", "32",
          "--transitions", "300", "--eval-states", "2", "--eval-candidates", "16", "--init-draws", "3",
@@ -24,12 +24,7 @@ def harness():
 
 
 def run(harness, capsys, *extra) -> tuple[int, str]:
-    threads = torch.get_num_threads()
-    try:
-        code = harness.main([*SMALL, *extra])
-    finally:
-        torch.set_num_threads(threads)
-    return code, capsys.readouterr().out
+    return run_harness(harness, capsys, [*SMALL, *extra])
 
 
 def mismatches(out: str) -> list[str]:

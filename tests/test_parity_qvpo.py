@@ -4,7 +4,7 @@ draws must be consumed exactly as generated, so the harness cannot pass silently
 
 import pytest
 import torch
-from helpers import load_module
+from helpers import load_module, run_harness
 
 SMALL = ["--self-test", "--updates", "2", "--init-draws", "2"]
 
@@ -15,8 +15,7 @@ def harness():
 
 
 def run(harness, capsys, *extra) -> tuple[int, str]:
-    code = harness.main([*SMALL, *extra])
-    return code, capsys.readouterr().out
+    return run_harness(harness, capsys, [*SMALL, *extra])
 
 
 def test_script_against_itself_passes_with_every_quantity_compared(harness, capsys):
