@@ -6,7 +6,7 @@ Reads each run's summary.json (flags, final/best evaluation, SPS, steps done) an
 
     python benchmarks/report.py --runs results_dacer/runs --out benchmarks/results/dacer --title "DACER, 1M env steps"
 
-writes <out>/report.md (the table, the command, the machine) and <out>/<task>.png (mean over seeds, shaded +- std;
+writes <out>/report.md (the table over seeds, every run's evaluations, the command, the machine) and <out>/<task>.png (mean over seeds, shaded +- std;
 x: env steps for the online scripts, gradient steps for the offline ones).
 """
 
@@ -132,6 +132,22 @@ def table(groups: dict[tuple[str, str], list[RunData]]) -> str:
     return "\n".join(lines)
 
 
+def step_label(step: int) -> str:
+    return f"{step / 1e6:g}M" if step >= 1_000_000 and step % 10_000 == 0 else f"{step / 1e3:g}k" if step % 1000 == 0 else f"{step:,}"
+
+
+def evaluations(task: str, groups: dict[str, list[RunData]]) -> str:
+    """Every run's evaluation at each evaluation step of the task (rows: script and seed; blank where not reached)."""
+    steps = sorted({s for runs in groups.values() for r in runs for s, _ in r.curve})
+    lines = [f"| {task} | " + " | ".join(map(step_label, steps)) + " |", "|---|" + "---:|" * len(steps)]
+    for script, runs in groups.items():
+        for r in runs:
+            values = dict(r.curve)
+            lines.append(f"| {script}, seed {r.seed} | "
+                         + " | ".join(f"{values[s]:.1f}" if s in values else "" for s in steps) + " |")
+    return "\n".join(lines)
+
+
 def plot_task(task: str, groups: dict[str, list[RunData]], path: Path) -> None:
     """One PNG for a task: per script the mean over seeds with a shaded +- std band."""
     import matplotlib
@@ -177,11 +193,12 @@ def main(args: Args) -> str:
     by_task: dict[str, dict[str, list[RunData]]] = {}
     for (task, script), rs in groups.items():
         by_task.setdefault(task, {})[script] = rs
-    images = []
+    images, evals = [], []
     for task, scripts in by_task.items():
         name = task.replace("/", "_") + ".png"
         plot_task(task, scripts, out / name)
         images.append(f"![{task}]({name})")
+        evals.append(evaluations(task, scripts))
     sys.path.append(str(Path(__file__).resolve().parent / "parity"))  # last: its harnesses share the scripts' names
     from common import environment
 
@@ -189,6 +206,9 @@ def main(args: Args) -> str:
                         "Mean ± std over seeds of each run's final and best evaluation (normalized score where the "
                         "dataset has reference scores, else return). SPS: env steps (online) or gradient steps "
                         "(offline) per second of the whole run, evaluations included.",
+                        "## Every evaluation\n\nEach run's evaluation (the metric above) at each step, in "
+                        + ("gradient steps (dtql's count its pretraining steps)" if any(r.offline for r in runs)
+                           else "env steps") + ".", *evals,
                         f"Made with `python benchmarks/report.py {shlex.join(map(short_path, sys.argv[1:]))}`; "
                         f"{environment()}."])
     (out / "report.md").write_text(text + "\n")
