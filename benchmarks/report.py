@@ -40,6 +40,7 @@ class RunData:
     offline: bool
     steps: int  # env steps (online) or gradient steps (offline) done
     budget: int  # the run's total, pretraining included (dtql)
+    pretrain: int  # gradient steps of pretraining before the first evaluation (dtql), else 0
     final: float | None
     best: float | None
     sps: float | None
@@ -81,6 +82,7 @@ def load_run(run_dir: Path) -> RunData | None:
     return RunData(path=run_dir, script=args.get("exp_name", "?"), task=args.get("dataset_id") or args.get("env_id", "?"),
                    seed=int(args.get("seed", 0)), offline=offline, steps=int(summary.get("global_step", 0)),
                    budget=int(args.get("total_timesteps") or 0) + int(args.get("pretrain_steps") or 0),
+                   pretrain=int(args.get("pretrain_steps") or 0),
                    final=final, best=best, sps=summary.get("sps"), metric=metric, curve=curve)
 
 
@@ -164,12 +166,14 @@ def plot_task(task: str, groups: dict[str, list[RunData]], path: Path) -> None:
         if not runs:
             continue
         steps, mean, std = curve_stats(runs)
-        ax.plot(steps, mean, marker="o", markersize=3, label=f"{script} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        pretrain = max(r.pretrain for r in runs)
+        label = f"{script} ({len(runs)} seed{'s' * (len(runs) > 1)}" + (f"; {pretrain:,} pretraining steps first)" if pretrain else ")")
+        ax.plot(steps, mean, marker="o", markersize=3, label=label)
         ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
         budgets.append(max(r.budget for r in runs))
     ax.set_xlabel("gradient steps" if offline else "env steps")
     ax.set_ylabel("eval " + "/".join(sorted(metrics)))
-    budget = f"{max(budgets):,} {'gradient' if offline else 'env'} steps" if budgets else ""
+    budget = f"{' / '.join(f'{b:,}' for b in sorted(set(budgets)))} {'gradient' if offline else 'env'} steps" if budgets else ""
     ax.set_title(f"{', '.join(groups)} on {task}\nbudget {budget}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -167,7 +167,7 @@ def test_submitit_local_executor_runs_a_real_job_array(tmp_path):
     assert list((runs_dir / "logs" / "submitit").glob("*_submitted.pkl"))
 
 
-def write_run(root, script, task, seed, evals, offline=False, sps=100.0, steps=None):
+def write_run(root, script, task, seed, evals, offline=False, sps=100.0, steps=None, **extra_args):
     """A run folder as the scripts write it: summary.json and TensorBoard eval scalars."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -175,7 +175,7 @@ def write_run(root, script, task, seed, evals, offline=False, sps=100.0, steps=N
     run_dir.mkdir(parents=True)
     key = "dataset_id" if offline else "env_id"
     returns = [v for _, v in evals]
-    summary = {"args": {"exp_name": script, key: task, "seed": seed, "total_timesteps": evals[-1][0]},
+    summary = {"args": {"exp_name": script, key: task, "seed": seed, "total_timesteps": evals[-1][0], **extra_args},
                "eval": [{"step": s, "mean_return": v} for s, v in evals], "final_eval_return": returns[-1],
                "best_eval_return": max(returns), "sps": sps, "global_step": steps or evals[-1][0]}
     if offline:  # with reference scores: the normalized score is the metric
@@ -195,8 +195,9 @@ def test_report_table_curves_and_dedup(tmp_path, monkeypatch):
     write_run(runs, "sdac", "Hopper-v5", 1, [(10, 1.0), (20, 3.0)], sps=100)
     write_run(runs, "sdac", "Hopper-v5", 2, [(10, 2.0), (20, 5.0), (30, 4.0)], sps=300)
     write_run(runs, "sdac", "Hopper-v5", 2, [(10, 99.0)], steps=10)  # an earlier, shorter try of seed 2: ignored
-    write_run(runs, "dtql", "regen/pointmaze/umaze-v2", 1, [(5, 1.0), (10, 2.0)], offline=True)
+    write_run(runs, "dtql", "regen/pointmaze/umaze-v2", 1, [(5, 1.0), (10, 2.0)], offline=True, pretrain_steps=4)
     found = report.find_runs([str(runs)])
+    assert [(r.pretrain, r.budget) for r in found if r.script == "dtql"] == [(4, 14)]  # pretraining counts in the budget
     assert [(r.script, r.seed) for r in found] == [("sdac", 1), ("sdac", 2), ("dtql", 1)]
     hopper = [r for r in found if r.task == "Hopper-v5"]
     assert sorted(r.steps for r in hopper) == [20, 30]
