@@ -141,7 +141,7 @@ def step_label(step: int) -> str:
 def evaluations(task: str, groups: dict[str, list[RunData]]) -> str:
     """Every run's evaluation at each evaluation step of the task (rows: script and seed; blank where not reached)."""
     steps = sorted({s for runs in groups.values() for r in runs for s, _ in r.curve})
-    lines = [f"| {task} | " + " | ".join(map(step_label, steps)) + " |", "|---|" + "---:|" * len(steps)]
+    lines = [f"{task}:", "", "| run | " + " | ".join(map(step_label, steps)) + " |", "|---|" + "---:|" * len(steps)]
     for script, runs in groups.items():
         for r in runs:
             values = dict(r.curve)

@@ -211,7 +211,7 @@ def test_report_table_curves_and_dedup(tmp_path, monkeypatch):
     assert row == "| Hopper-v5 | sdac | 2 (1, 2) | 20-30 env | 3.5 ± 0.5 | 4.0 ± 1.0 | return | 200 |"
     row = next(line for line in text.splitlines() if "umaze" in line)
     assert "10 grad" in row and "20.0 ± 0.0" in row and "normalized score" in row
-    assert "| Hopper-v5 | 10 | 20 | 30 |" in text  # every run's evaluations, blank where a seed stopped
+    assert "Hopper-v5:\n\n| run | 10 | 20 | 30 |" in text  # every run's evaluations, blank where a seed stopped
     assert "| sdac, seed 1 | 1.0 | 3.0 |  |" in text and "| sdac, seed 2 | 2.0 | 5.0 | 4.0 |" in text
     assert "| dtql, seed 1 | 10.0 | 20.0 |" in text  # the normalized score (10 x return here)
     assert [report.step_label(s) for s in (5000, 55_000, 1_000_000, 1_050_000, 1234)] == ["5k", "55k", "1M", "1.05M", "1,234"]
