@@ -6,8 +6,8 @@ Reads each run's summary.json (flags, final/best evaluation, SPS, steps done) an
 
     python benchmarks/report.py --runs results_dacer/runs --out benchmarks/results/dacer --title "DACER, 1M env steps"
 
-writes <out>/report.md (the table over seeds, every run's evaluations, the command, the machine) and <out>/<task>.png (mean over seeds, shaded +- std;
-x: env steps for the online scripts, gradient steps for the offline ones).
+writes <out>/report.md (the table over seeds, every run's evaluations, the command, the machine) and <out>/<task>.png
+(mean over seeds, shaded +- std; x: env steps for the online scripts, gradient steps for the offline ones).
 """
 
 from __future__ import annotations
@@ -135,7 +135,10 @@ def table(groups: dict[tuple[str, str], list[RunData]]) -> str:
 
 
 def step_label(step: int) -> str:
-    return f"{step / 1e6:g}M" if step >= 1_000_000 and step % 10_000 == 0 else f"{step / 1e3:g}k" if step % 1000 == 0 else f"{step:,}"
+    """5000 -> "5k", 1_050_000 -> "1.05M"; other counts in full."""
+    if step >= 1_000_000 and step % 10_000 == 0:
+        return f"{step / 1e6:g}M"
+    return f"{step / 1e3:g}k" if step % 1000 == 0 else f"{step:,}"
 
 
 def evaluations(task: str, groups: dict[str, list[RunData]]) -> str:
@@ -211,8 +214,8 @@ def main(args: Args) -> str:
                         "dataset has reference scores, else return). SPS: env steps (online) or gradient steps "
                         "(offline) per second of the whole run, evaluations included.",
                         "## Every evaluation\n\nEach run's evaluation (the metric above) at each step, in "
-                        + ("gradient steps (dtql's count its pretraining steps)" if any(r.offline for r in runs)
-                           else "env steps") + ".", *evals,
+                        + ("gradient steps" if any(r.offline for r in runs) else "env steps")
+                        + (", pretraining steps included" if any(r.pretrain for r in runs) else "") + ".", *evals,
                         f"Made with `python benchmarks/report.py {shlex.join(map(short_path, sys.argv[1:]))}`; "
                         f"{environment()}."])
     (out / "report.md").write_text(text + "\n")
