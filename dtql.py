@@ -909,6 +909,7 @@ if __name__ == "__main__":
         if main_steps > 0 and (main_steps % args.eval_frequency == 0 or global_step >= total_steps):
             run_evaluation()
             write_summary(prior_wall + time.time() - start_time, (global_step - start_step) / (time.time() - start_time))
+            last_log = (global_step, time.time())  # the status line's SPS and ETA leave the evaluation out
         if args.save_model and (global_step % args.checkpoint_frequency == 0 or global_step >= total_steps):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint_state())
 

@@ -91,3 +91,27 @@ def test_auto_picks_pytorch_on_cuda_unless_a_speed_up_is_recorded(script, monkey
 def test_format_duration(seconds, text):
     for script in ("sdac.py", "dtql.py"):
         assert load(script).format_duration(seconds) == text
+
+
+STATUS_RATE = re.compile(r"^step +([\d,]+) .*\| SPS +([\d.]+) \|", re.M)
+
+
+@pytest.mark.parametrize("script", list(RUNS))
+def test_status_rate_leaves_the_evaluation_out(script, tmp_path, minari_root):
+    # A mid-run evaluation of 60 episodes (online: up to 200 steps each) takes many training steps' time. The status
+    # line right after it must still give the training rate, not one step over the evaluation (an SPS near 0 and an
+    # ETA of hundreds of hours). Evaluation at env step 40 (online), after main step 4 (offline).
+    if script in ("diffusion_ql.py", "dtql.py"):
+        offline_data.make_mujoco_dataset()
+        flags = [*RUNS[script], "--total-timesteps", "8", "--eval-frequency", "4"]
+    else:
+        flags = [*RUNS[script], "--max-episode-steps", "200", "--eval-frequency", "40"]
+    env = {**ONE_THREAD, "MINARI_DATASETS_PATH": str(minari_root)}
+    proc = run_script(script, *flags, "--eval-episodes", "60", *TIME_ONLY, cwd=tmp_path, env=env)
+    rates = [(int(step.replace(",", "")), float(sps)) for step, sps in STATUS_RATE.findall(proc.stdout)]
+    evaluated_at = {e["step"] for e in read_summary(run_dirs(tmp_path)[0])["eval"]}
+    after = [i for i, (step, _) in enumerate(rates[:-1]) if step in evaluated_at]  # the line after is rates[i + 1]
+    assert after, proc.stdout
+    later = sorted(sps for _, sps in rates[after[0] + 2:])  # training lines past it (online: past the warm-up)
+    assert later, proc.stdout
+    assert rates[after[0] + 1][1] > 0.1 * later[len(later) // 2], proc.stdout
